@@ -1,0 +1,154 @@
+"""Loading official-layout DiT / DyDiT weights and our own training checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import DiT, get_config
+
+ROUTER_MARKER = "attn_rate.router"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the requested architecture."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``; official checkpoints' ``argparse.Namespace``
+    is allow-listed instead of unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a corrupt file or a pickle with foreign objects
+            raise CheckpointError(f"cannot read {path} as a weights-only checkpoint: {err}") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+    return obj
+
+
+def split_checkpoint(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, args) from a raw state dict or a ``{"model", "ema", "opt", "args"}`` checkpoint.
+
+    The EMA weights are preferred: they are what the official code samples from.
+    """
+    args = obj.get("args", {})
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    for key in ("ema", "model"):
+        if key in obj and isinstance(obj[key], dict):
+            return _strip_prefixes(obj[key]), dict(args or {})
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _strip_prefixes(obj), {}
+    raise CheckpointError(
+        f"not a state dict nor a training checkpoint: top-level keys {sorted(obj)[:8]}")
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def infer_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Data-dependent constructor options read off the weights' shapes."""
+    opts: dict[str, Any] = {}
+    if "x_embedder.proj.weight" in state:
+        w = state["x_embedder.proj.weight"]
+        opts["in_channels"], opts["patch_size"] = w.shape[1], w.shape[2]
+        if "pos_embed" in state:
+            grid = int(round(state["pos_embed"].shape[1] ** 0.5))
+            opts["input_size"] = grid * w.shape[2]
+        if "final_layer.linear.weight" in state:
+            out_channels = state["final_layer.linear.weight"].shape[0] // w.shape[2] ** 2
+            opts["learn_sigma"] = out_channels == 2 * w.shape[1]
+    if "y_embedder.embedding_table.weight" in state:
+        # The table has one extra row (the CFG null class) when trained with label dropout.
+        opts["num_classes"] = state["y_embedder.embedding_table.weight"].shape[0] - 1
+    return opts
+
+
+def _arch_from_args(args: dict[str, Any]) -> str | None:
+    return args.get("arch") or args.get("model")
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:
+    """Raise one :class:`CheckpointError` naming every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint does not fit {arch} ({model.config}):"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+                lines.append(f"  {title}: {shown}")
+        raise CheckpointError("\n".join(lines))
+
+
+def load_model(path_or_state_dict, arch: str | None = None, input_size: int | None = None,
+               in_channels: int | None = None, num_classes: int | None = None,
+               learn_sigma: bool | None = None, device: str | torch.device = "cpu") -> DiT:
+    """Load a DiT (or a DyDiT, when router weights are present) in eval mode.
+
+    ``path_or_state_dict``: a path or an already loaded object; either a raw state dict
+    (like the official ``DiT-XL-2-256x256.pt``) or a training checkpoint
+    ``{"model", "ema", "opt", "args"}`` (its ``ema`` weights are used). ``arch`` defaults to
+    the one recorded in the checkpoint's args; the other options, when not given, come from
+    the recorded config or are read off the weights' shapes.
+    """
+    obj = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_checkpoint(path_or_state_dict)
+    state, args = split_checkpoint(obj)
+    arch = arch or _arch_from_args(args)
+    if arch is None:
+        raise CheckpointError("the checkpoint records no architecture: pass arch=, e.g. 'DiT-XL/2'")
+    options = infer_options(state)
+    options.pop("patch_size", None)  # fixed by the arch; a mismatch is reported as a shape error
+    recorded = args.get("model_config") or {}
+    options.update({k: v for k, v in recorded.items() if k in ("input_size", "in_channels",
+                                                               "num_classes", "learn_sigma")})
+    explicit = {"input_size": input_size, "in_channels": in_channels, "num_classes": num_classes,
+                "learn_sigma": learn_sigma}
+    options.update({k: v for k, v in explicit.items() if v is not None})
+    try:
+        config = get_config(arch, **options)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(str(err)) from err
+    if any(ROUTER_MARKER in k for k in state):
+        from .dydit import DyDiT
+
+        model = DyDiT(config, arch=arch)
+    else:
+        model = DiT(config, arch=arch)
+    check_state_dict(model, state, arch)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(device).eval()
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, fp16: bool = True) -> Path:
+    """Shrink a training checkpoint to its EMA weights (fp16 by default) for committing."""
+    obj = read_checkpoint(src)
+    state, args = split_checkpoint(obj)
+    if fp16:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    from .training import atomic_save
+
+    keep = {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, dict, type(None)))}
+    keep["step"] = obj.get("step", args.get("step"))
+    atomic_save({"ema": state, "args": keep}, dst)
+    return Path(dst)
+
+
+def config_dict(model: DiT) -> dict[str, Any]:
+    return dataclasses.asdict(model.config)
