@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from .training import TrainConfig
@@ -30,7 +31,8 @@ def cmd_train(args):
     from .training import train
 
     path = train(_dataclass_from(args, TrainConfig))
-    print(f"checkpoint: {path}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"checkpoint: {path}")
 
 
 def cmd_train_classifier(args):

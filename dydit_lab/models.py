@@ -65,6 +65,11 @@ DIT_CONFIGS["DiT-lab-L"] = DiTConfig(
     depth=8, hidden_size=128, patch_size=4, num_heads=8,
     input_size=32, in_channels=1, num_classes=10, learn_sigma=False,
 )
+# A toy for tests and smoke runs (seconds per hundred steps).
+DIT_CONFIGS["DiT-lab-T"] = DiTConfig(
+    depth=2, hidden_size=32, patch_size=8, num_heads=4,
+    input_size=32, in_channels=1, num_classes=10, learn_sigma=False,
+)
 
 
 def get_config(arch: str, **overrides) -> DiTConfig:

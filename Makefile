@@ -1,0 +1,33 @@
+# `make test` and `make lab` work on a fresh clone: they create .venv and install everything.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all lab figures clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest --runslow $(PYTEST_ARGS)
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/
+
+figures: install
+	MPLBACKEND=Agg $(PY) -m dydit_lab figures --out figures
+
+clean-venv:
+	rm -rf $(VENV)

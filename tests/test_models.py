@@ -1,0 +1,112 @@
+"""DiT architecture: official layout, shapes, initialisation, guidance, input errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import dydit_lab
+from dydit_lab.models import DIT_CONFIGS, DiT, DiTConfig, get_config
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OFFICIAL_ARCHS = [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
+# Parameter counts of the official models (DiT paper / official repo), at 256 px.
+OFFICIAL_PARAMS_M = {"DiT-S/2": 33.0, "DiT-B/2": 130.5, "DiT-L/2": 458.1, "DiT-XL/2": 675.1}
+
+
+def test_all_official_configs_exist():
+    assert set(OFFICIAL_ARCHS) <= set(DIT_CONFIGS)
+
+
+@pytest.mark.parametrize("arch", list(OFFICIAL_PARAMS_M))
+def test_official_parameter_counts(arch):
+    with torch.device("meta"):
+        model = dydit_lab.create_model(arch)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(OFFICIAL_PARAMS_M[arch], abs=0.1)
+
+
+def test_official_state_dict_names():
+    model = dydit_lab.create_model("DiT-S/8", input_size=8, num_classes=10)
+    keys = set(model.state_dict())
+    for key in ["x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.bias",
+                "y_embedder.embedding_table.weight", "pos_embed", "blocks.0.attn.qkv.weight",
+                "blocks.0.attn.proj.bias", "blocks.11.mlp.fc1.weight", "blocks.11.mlp.fc2.weight",
+                "blocks.3.adaLN_modulation.1.weight", "final_layer.linear.weight",
+                "final_layer.adaLN_modulation.1.bias"]:
+        assert key in keys
+    assert model.y_embedder.embedding_table.weight.shape == (11, 384)  # + the CFG null class
+
+
+@pytest.mark.parametrize("learn_sigma,channels", [(True, 8), (False, 4)])
+def test_output_shape(learn_sigma, channels):
+    model = dydit_lab.create_model("DiT-S/4", input_size=16, learn_sigma=learn_sigma, num_classes=10)
+    out = model(torch.randn(3, 4, 16, 16), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 2]))
+    assert out.shape == (3, channels, 16, 16)
+
+
+def test_adaln_zero_starts_at_zero_output():
+    model = dydit_lab.create_model("DiT-lab-T").eval()
+    out = model(torch.randn(2, 1, 32, 32), torch.tensor([3, 700]), torch.tensor([1, 2]))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_unpatchify_inverts_patchify_layout():
+    model = dydit_lab.create_model("DiT-lab-T")
+    p, c = model.patch_size, model.out_channels
+    img = torch.randn(2, c, 32, 32)
+    # Patch tokens in (p, q, c) order, row-major over the grid: the layout the final layer emits.
+    tokens = img.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 4, 5, 1).reshape(2, -1, p * p * c)
+    assert torch.equal(model.unpatchify(tokens), img)
+
+
+def test_cfg_scale_one_is_conditional_output():
+    torch.manual_seed(1)
+    model = dydit_lab.create_model("DiT-lab-T").eval()
+    for prm in model.parameters():
+        prm.data.normal_(0, 0.05)
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([10, 10]), torch.tensor([4, 10])
+    guided = model.forward_with_cfg(x, t, y, cfg_scale=1.0)
+    plain = model(torch.cat([x[:1], x[:1]]), t, y)
+    assert torch.allclose(guided[:1], plain[:1], atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [(2, 1, 32, 16), (2, 3, 32, 32), (2, 1, 16, 16)])
+def test_bad_input_shapes_raise(bad):
+    model = dydit_lab.create_model("DiT-lab-T")
+    with pytest.raises(ValueError, match="expected"):
+        model(torch.randn(bad), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="unknown arch"):
+        get_config("DiT-XXL/2")
+    with pytest.raises(ValueError, match="divisible"):
+        get_config("DiT-S/8", input_size=20)
+    with pytest.raises(TypeError, match="unknown model option"):
+        get_config("DiT-S/2", hidden=3)
+
+
+def official_tiny_dit(fx):
+    """Our DiT built with the fixture's official constructor keywords, weights loaded strictly."""
+    keys = ("depth", "hidden_size", "patch_size", "num_heads", "input_size", "in_channels",
+            "num_classes", "learn_sigma", "class_dropout_prob", "mlp_ratio")
+    model = DiT(DiTConfig(**{k: fx["config"][k] for k in keys})).eval()
+    model.load_state_dict(fx["state_dict"])
+    return model
+
+
+def test_matches_official_dit_outputs():
+    """Official weights and outputs from facebookresearch/DiT (see tests/fixtures/README.md)."""
+    fx = torch.load(FIXTURES / "official_dit_tiny.pt", weights_only=True)
+    with torch.no_grad():
+        out = official_tiny_dit(fx)(fx["x"], fx["t"], fx["y"])
+    assert (out - fx["out"]).norm() / fx["out"].norm() < 1e-4
+
+
+def test_cfg_matches_official_on_guided_and_variance_channels():
+    """The official code guides eps channels 0-2 only; we guide all eps channels (documented)."""
+    fx = torch.load(FIXTURES / "official_dit_tiny.pt", weights_only=True)
+    with torch.no_grad():
+        out = official_tiny_dit(fx).forward_with_cfg(fx["cfg_x"], fx["cfg_t"], fx["cfg_y"], fx["cfg_scale"])
+    same = [0, 1, 2, 4, 5, 6, 7]
+    assert torch.allclose(out[:2, same], fx["cfg_out"][:2, same], atol=1e-5)
