@@ -181,6 +181,10 @@ class GaussianDiffusion:
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, self.model_timesteps(t), y)
+        return self.losses_from_output(out, x0, x_t, t, noise, mse_weights)
+
+    def losses_from_output(self, out, x0, x_t, t, noise, mse_weights=None) -> dict[str, torch.Tensor]:
+        """The losses of :meth:`training_losses` for a model output computed by the caller."""
         eps, var_values = self.split_output(out, x0.shape[1])
         mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
         terms = {"mse": mse}

@@ -251,6 +251,8 @@ class DiT(nn.Module):
     values of the learned variance (last ``in_channels``), as in DiT/ADM.
     """
 
+    block_class = DiTBlock  # DyDiT swaps in its dynamic block
+
     def __init__(self, config: DiTConfig, arch: str | None = None):
         super().__init__()
         self.config = config
@@ -269,7 +271,7 @@ class DiT(nn.Module):
         # Fixed (not learned) sin-cos positions; a buffer-like Parameter so it sits in the state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, D), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
+            [self.block_class(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
         )
         self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
         self.initialize_weights()

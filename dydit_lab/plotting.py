@@ -1,0 +1,209 @@
+"""Figures for the DyDiT analyses: loss curves, patch loss maps and sample grids.
+
+Headless-safe: nothing here calls ``plt.show()``; every function returns its Figure (which a
+notebook displays) and :func:`save_figure` writes and closes it. Colours come from
+seaborn's colour-blind-safe palette; loss maps use 'magma' (perceptually uniform).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .analysis import PatchLossMaps, loss_gap, normalize_maps
+
+__all__ = ["plot_loss_curves", "plot_loss_maps", "plot_sample_grid", "save_figure"]
+
+PALETTE = sns.color_palette("colorblind")
+T_LABEL = "timestep t (0 = clean, 999 = pure noise)"
+TITLE_SIZE, LABEL_SIZE, TICK_SIZE = 12, 11, 9
+
+
+def _style(ax: Axes) -> None:
+    # Tick labels are created at draw time, so set their size on the axes, not via rcParams.
+    ax.tick_params(labelsize=TICK_SIZE)
+
+
+def _image_array(img) -> np.ndarray:
+    """(C, H, W) in [-1, 1] -> (H, W) or (H, W, 3) in [0, 1] for imshow."""
+    arr = torch.as_tensor(img).detach().float().cpu().clamp(-1, 1).add(1).div(2).numpy()
+    return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+
+
+# ---------------------------------------------------------------------------
+# Loss curves (Figure 1(a))
+# ---------------------------------------------------------------------------
+
+
+def _gap_from(data: pd.DataFrame, small, large, smooth: int, confidence: float):
+    """(gap DataFrame, small name, large name) from a long or an already computed gap df."""
+    if "gap" in data.columns:
+        return (data, small or data.attrs.get("small", "small"),
+                large or data.attrs.get("large", "large"))
+    if small is None or large is None:
+        models = list(pd.unique(data["model"]))
+        if len(models) != 2:
+            raise ValueError(f"{len(models)} models: name the pair with small= and large=")
+        small, large = models  # documented: first model is the small one
+    return loss_gap(data, small, large, smooth=smooth, confidence=confidence), small, large
+
+
+def plot_loss_curves(data: pd.DataFrame, small: str | None = None, large: str | None = None, *,
+                     smooth: int = 1, confidence: float = 0.95, relative: bool = False,
+                     axes: Sequence[Axes] | None = None, fig: Figure | None = None,
+                     title: str | None = None) -> Figure:
+    """Per-timestep loss of two models (log scale, top) and their gap with its band (bottom).
+
+    ``data`` is either the long output of :func:`~dydit_lab.analysis.per_timestep_loss`
+    (with two models, or the pair named by ``small``/``large``; with exactly two and no
+    names, the first listed is taken as small) or the output of
+    :func:`~dydit_lab.analysis.loss_gap` (then ``smooth``/``confidence`` are its own).
+    ``relative=True`` plots the gap divided by the large model's loss (band likewise
+    divided, treating that loss as fixed). Draws into ``axes`` (two Axes) or ``fig`` if given.
+    """
+    gap, small, large = _gap_from(data, small, large, smooth, confidence)
+    if axes is None:
+        if fig is None:
+            fig = plt.figure(figsize=(7.5, 6.5), layout="constrained")
+        axes = fig.subplots(2, 1, sharex=True)
+    ax_loss, ax_gap = axes
+    fig = ax_loss.figure
+    t = gap["t"].to_numpy()
+    for name, column, colour in ((small, "small", PALETTE[0]), (large, "large", PALETTE[1])):
+        ax_loss.plot(t, gap[column], color=colour, lw=1.5, label=name)
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("ε-prediction MSE (per pixel)", fontsize=LABEL_SIZE)
+    ax_loss.legend(fontsize=TICK_SIZE, frameon=False)
+
+    scale = gap["large"].to_numpy() if relative else 1.0
+    band = gap.attrs.get("confidence", confidence)
+    ax_gap.fill_between(t, gap["gap_lo"] / scale, gap["gap_hi"] / scale, color=PALETTE[2],
+                        alpha=0.3, lw=0, label=f"{band:.0%} CI")
+    ax_gap.plot(t, gap["gap"] / scale, color=PALETTE[2], lw=1.5, label=f"{small} − {large}")
+    ax_gap.axhline(0.0, color="0.3", lw=1, ls="--")
+    ax_gap.set_ylabel("relative gap (small − large) / large" if relative
+                      else "loss gap (small − large)", fontsize=LABEL_SIZE)
+    ax_gap.legend(fontsize=TICK_SIZE, frameon=False)
+    for ax in (ax_loss, ax_gap):
+        ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
+        ax.set_xlim(t.min(), t.max())
+        ax.grid(alpha=0.3)
+        _style(ax)
+    window = gap.attrs.get("smooth", 1)
+    suffix = f" (rolling mean over {window} timesteps)" if window > 1 else ""
+    ax_loss.set_title(title or f"Noise-prediction loss per timestep{suffix}", fontsize=TITLE_SIZE)
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# Loss maps (Figure 1(b))
+# ---------------------------------------------------------------------------
+
+
+def plot_loss_maps(result: PatchLossMaps, images, labels=None, *, normalize: bool = True,
+                   outline: bool = True, cmap: str = "magma", fig: Figure | None = None,
+                   title: str | None = None) -> Figure:
+    """Grid of clean image, then x_t and the patch loss map for each timestep, per image.
+
+    Rows are images; column 1 is the clean image, then for every t in ``result.timesteps``
+    the noisy input x_t (clipped to [-1, 1] for display) and its loss map. Maps are min-max
+    normalised per map (``normalize=True``: where the loss sits, not how large it is) or
+    shown on one shared scale. ``outline`` draws the digit's contour over the maps.
+    Axes: ``len(images) * (1 + 2 * len(timesteps))`` panels plus one colourbar.
+    """
+    images = torch.as_tensor(images).float().cpu()
+    maps = normalize_maps(result.maps) if normalize else result.maps.float()
+    N, T = maps.shape[:2]
+    if len(images) != N:
+        raise ValueError(f"{len(images)} images for maps of {N} images")
+    H, W = images.shape[-2:]
+    vmax = 1.0 if normalize else float(maps.max())
+    if fig is None:
+        fig = plt.figure(figsize=(1.25 * (1 + 2 * T) + 1.0, 1.35 * N + 0.7), layout="constrained")
+    grid = fig.subplots(N, 1 + 2 * T, squeeze=False)
+    for i in range(N):
+        grid[i, 0].imshow(_image_array(images[i]), cmap="gray", vmin=0, vmax=1)
+        grid[i, 0].set_ylabel(f"label {int(labels[i])}" if labels is not None else f"image {i}",
+                              fontsize=LABEL_SIZE)
+        for j, t in enumerate(result.timesteps):
+            ax_x, ax_m = grid[i, 1 + 2 * j], grid[i, 2 + 2 * j]
+            ax_x.imshow(_image_array(result.x_t[i, j]), cmap="gray", vmin=0, vmax=1)
+            # extent in pixel units so the digit outline lands on the right patches
+            mappable = ax_m.imshow(maps[i, j].numpy(), cmap=cmap, vmin=0, vmax=vmax,
+                                   interpolation="nearest", extent=(-0.5, W - 0.5, H - 0.5, -0.5))
+            if outline and images[i].min() < 0 < images[i].max():  # no contour otherwise
+                ax_m.contour(images[i].mean(0).numpy(), levels=[0.0], colors="cyan",
+                             linewidths=0.8)
+            if i == 0:
+                ax_x.set_title(f"t = {t}\nx_t", fontsize=TICK_SIZE + 1)
+                ax_m.set_title(f"t = {t}\nloss map", fontsize=TICK_SIZE + 1)
+    grid[0, 0].set_title("clean x_0", fontsize=TICK_SIZE + 1)
+    for ax in grid.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    cbar = fig.colorbar(mappable, ax=grid.ravel().tolist(), shrink=0.8)
+    cbar.set_label("patch loss (min-max per map)" if normalize else "patch ε-MSE (per pixel)",
+                   fontsize=LABEL_SIZE)
+    cbar.ax.tick_params(labelsize=TICK_SIZE)
+    if title:
+        fig.suptitle(title, fontsize=TITLE_SIZE)
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# Sample grids and saving
+# ---------------------------------------------------------------------------
+
+
+def plot_sample_grid(images, labels=None, nrow: int = 10, *, class_names: Sequence[str] | None = None,
+                     pad: int = 2, ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Digits in [-1, 1] tiled on one Axes, ``nrow`` images per row, in grey.
+
+    With ``labels`` each tile is captioned by its label (or ``class_names[label]``).
+    """
+    images = torch.as_tensor(images).float().cpu()
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    N, _, H, W = images.shape
+    ncol = max(1, min(nrow, N))
+    nrows = -(-N // ncol)
+    top = 10 if labels is not None else pad  # room above each tile for its caption
+    cell_h, cell_w = H + top, W + pad
+    rgb = images.shape[1] == 3
+    canvas = np.ones((nrows * cell_h + pad, ncol * cell_w + pad) + ((3,) if rgb else ()))
+    for k in range(N):
+        r, c = divmod(k, ncol)
+        y0, x0 = r * cell_h + top, c * cell_w + pad
+        canvas[y0:y0 + H, x0:x0 + W] = _image_array(images[k])
+    if ax is None:
+        fig = plt.figure(figsize=(0.75 * ncol + 0.3, 0.75 * nrows * cell_h / H + 0.4),
+                         layout="constrained")
+        ax = fig.add_subplot()
+    ax.imshow(canvas, cmap=None if rgb else "gray", vmin=0, vmax=1, interpolation="nearest")
+    if labels is not None:
+        for k, label in enumerate(torch.as_tensor(labels).tolist()):
+            r, c = divmod(k, ncol)
+            text = class_names[label] if class_names is not None else str(label)
+            ax.text(c * cell_w + pad + W / 2, r * cell_h + top / 2 + 0.5, text, ha="center",
+                    va="center", fontsize=TICK_SIZE)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=TITLE_SIZE)
+    return ax.figure
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
+    """Save ``fig`` as PNG (tight bounding box), creating parent folders; close it; return path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,87 @@
+"""DyDiT's routers: timestep-wise dynamic width (TDW) and spatial-wise dynamic tokens (SDT).
+
+Parameter names follow the official DyDiT layout (``attn_rate.router``, ``mlp_rate.router``,
+``token_selection.mlp_head.0/2``) so official checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+GUMBEL_TAU = 5.0
+TDW_INIT_BIAS = 15.0  # sigmoid(15) ~ 1: a converted DiT starts with every head and group on
+SDT_INIT_BIAS = 35.0  # ... and every token through the MLP
+SDT_REDUCTION = 16
+
+
+def gate(logits: torch.Tensor, training: bool, tau: float = GUMBEL_TAU) -> torch.Tensor:
+    """Hard 0/1 gates with a straight-through gradient.
+
+    Training: Gumbel-sigmoid, sigmoid((logit + g1 - g2) / tau) with two Gumbel samples, so
+    the router explores; eval: sigmoid(logit). Either way the forward value is the hard
+    threshold (> 0.5) and the backward pass uses the soft value's gradient.
+    """
+    if training:
+        g1, g2 = (-torch.empty_like(logits).exponential_().log() for _ in range(2))
+        soft = torch.sigmoid((logits + g1 - g2) / tau)
+    else:
+        soft = torch.sigmoid(logits)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+class WidthRouter(nn.Module):
+    """TDW router: timestep embedding (B, D) -> gates over H units (B, H); unit 0 always on.
+
+    One router chooses attention heads, another MLP channel groups (the hidden layer split
+    into H equal groups). It reads only the timestep embedding, so its decision is shared by
+    every sample (and every class) at the same t: the basis of per-timestep weight slicing.
+    """
+
+    def __init__(self, dim: int, num_units: int):
+        super().__init__()
+        self.num_units = num_units
+        self.router = nn.Linear(dim, num_units - 1)
+
+    def logits(self, t_emb: torch.Tensor) -> torch.Tensor:
+        return self.router(t_emb)
+
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        gates = gate(self.logits(t_emb), self.training)
+        return torch.cat([torch.ones_like(gates[:, :1]), gates], dim=1)
+
+
+class TokenRouter(nn.Module):
+    """SDT router: residual stream tokens (B, N, D) -> keep gates (B, N).
+
+    A kept token runs the block's MLP; a dropped one passes its residual through unchanged.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp_head = nn.Sequential(
+            nn.Linear(dim, dim // SDT_REDUCTION), nn.ReLU(), nn.Linear(dim // SDT_REDUCTION, 1))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_head(x).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gate(self.logits(x), self.training)
+
+
+def init_routers_all_on(width_routers: list[WidthRouter], token_routers: list[TokenRouter]) -> None:
+    """Start with every gate open for every input: zero weights into the logit, large bias.
+
+    (The official init uses xavier weights with the same biases; zero weights make "all on"
+    hold for any timestep embedding and any residual-stream magnitude, so a converted DiT
+    reproduces its parent exactly.)
+    """
+    for r in width_routers:
+        nn.init.zeros_(r.router.weight)
+        nn.init.constant_(r.router.bias, TDW_INIT_BIAS)
+    for r in token_routers:
+        nn.init.xavier_uniform_(r.mlp_head[0].weight)
+        nn.init.zeros_(r.mlp_head[0].bias)
+        nn.init.zeros_(r.mlp_head[2].weight)
+        nn.init.constant_(r.mlp_head[2].bias, SDT_INIT_BIAS)
