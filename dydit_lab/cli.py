@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from .finetuning import FinetuneConfig
 from .training import TrainConfig
 
 
@@ -67,10 +68,31 @@ def cmd_evaluate(args):
         record_result(args.results, {**metrics, "name": args.name or args.checkpoint})
 
 
-def cmd_flops(args):
-    from .flops import count_flops_report
+def cmd_finetune(args):
+    from .finetuning import finetune
 
-    report = count_flops_report(args.arch, input_size=args.input_size)
+    print(f"checkpoint: {finetune(_dataclass_from(args, FinetuneConfig))}")
+
+
+def cmd_flops(args):
+    from .flops import count_flops_report, sampling_flops
+
+    if args.checkpoint:
+        from .checkpoints import load_model
+        from .dydit import DyDiT
+        from .training import resolve_device
+
+        device = resolve_device(args.device)
+        model = load_model(args.checkpoint, device=device)
+        if not isinstance(model, DyDiT):
+            raise ValueError(f"{args.checkpoint} is a static DiT: use --arch for its FLOPs")
+        report = sampling_flops(model, steps=args.steps, num_samples=args.num_samples,
+                                method=args.method, device=device, progress=not args.json)
+        report["checkpoint"] = args.checkpoint
+    elif args.arch:
+        report = count_flops_report(args.arch, input_size=args.input_size)
+    else:
+        raise ValueError("give --arch (static count) or --checkpoint (dynamic count of a DyDiT)")
     if args.json:
         print(json.dumps(report))
     else:
@@ -111,8 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="row name in --results (default: the checkpoint path)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("flops", help="exact FLOPs of a DiT (one multiply-add = one FLOP)")
-    p.add_argument("--arch", required=True)
+    p = sub.add_parser("finetune", help="FLOPs-constrained fine-tuning of a DiT into a DyDiT")
+    _add_dataclass_flags(p, FinetuneConfig)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("flops", help="exact FLOPs of a DiT (one multiply-add = one FLOP), or "
+                       "the dynamic FLOPs a DyDiT checkpoint uses while sampling")
+    p.add_argument("--arch")
+    p.add_argument("--checkpoint", help="a DyDiT checkpoint: count its routing over a sampling run")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (with --checkpoint)")
+    p.add_argument("--num-samples", type=int, default=20, help="images sampled (with --checkpoint)")
+    p.add_argument("--method", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--device", default="auto")
     p.add_argument("--input-size", type=int, default=32, help="latent/image side (32 = 256 px latent)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)

@@ -289,3 +289,28 @@ class DyDiT(DiT):
 
 def _is_router_key(name: str) -> bool:
     return any(part in name for part in ("attn_rate.", "mlp_rate.", "token_selection."))
+
+
+class RoutingRecorder(nn.Module):
+    """Wraps a DyDiT so that every forward (e.g. inside a sampler) records its routing.
+
+    ``records`` holds one detached CPU :class:`Routing` per call; with classifier-free
+    guidance each call covers the conditional and the unconditional half of the batch.
+    """
+
+    def __init__(self, model: DyDiT):
+        super().__init__()
+        if not isinstance(model, DyDiT):
+            raise TypeError(f"RoutingRecorder needs a DyDiT, got {type(model).__name__}")
+        self.model = model
+        self.records: list[Routing] = []
+        self.config, self.num_classes, self.in_channels = model.config, model.num_classes, model.in_channels
+
+    def forward(self, x, t, y):
+        out, routing = self.model(x, t, y, return_routing=True)
+        self.records.append(Routing(*(v.detach().cpu() for v in
+                                      (routing.heads, routing.groups, routing.tokens, routing.t))))
+        return out
+
+    # Guidance is the parent's, computed through this wrapper's forward.
+    forward_with_cfg = DiT.forward_with_cfg

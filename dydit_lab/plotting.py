@@ -17,6 +17,7 @@ import seaborn as sns
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from .analysis import PatchLossMaps, loss_gap, normalize_maps
 
@@ -41,6 +42,16 @@ def _image_array(img) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Loss curves (Figure 1(a))
 # ---------------------------------------------------------------------------
+
+
+def _plain_log_ticks(ax: Axes, values: np.ndarray) -> None:
+    """Plain numbers on a log axis; label minor ticks too when less than a decade is shown."""
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.yaxis.set_major_formatter(plain)
+    finite = values[np.isfinite(values) & (values > 0)]
+    narrow = finite.size and finite.max() / finite.min() < 10
+    # Within one decade there may be no major tick at all, so the minor ones carry the scale.
+    ax.yaxis.set_minor_formatter(plain if narrow else NullFormatter())
 
 
 def _gap_from(data: pd.DataFrame, small, large, smooth: int, confidence: float):
@@ -80,6 +91,7 @@ def plot_loss_curves(data: pd.DataFrame, small: str | None = None, large: str | 
     for name, column, colour in ((small, "small", PALETTE[0]), (large, "large", PALETTE[1])):
         ax_loss.plot(t, gap[column], color=colour, lw=1.5, label=name)
     ax_loss.set_yscale("log")
+    _plain_log_ticks(ax_loss, gap[["small", "large"]].to_numpy())
     ax_loss.set_ylabel("ε-prediction MSE (per pixel)", fontsize=LABEL_SIZE)
     ax_loss.legend(fontsize=TICK_SIZE, frameon=False)
 
@@ -92,8 +104,8 @@ def plot_loss_curves(data: pd.DataFrame, small: str | None = None, large: str | 
     ax_gap.set_ylabel("relative gap (small − large) / large" if relative
                       else "loss gap (small − large)", fontsize=LABEL_SIZE)
     ax_gap.legend(fontsize=TICK_SIZE, frameon=False)
+    ax_gap.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
     for ax in (ax_loss, ax_gap):
-        ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
         ax.set_xlim(t.min(), t.max())
         ax.grid(alpha=0.3)
         _style(ax)

@@ -1,0 +1,155 @@
+"""FLOPs-constrained fine-tuning of a trained DiT into a DyDiT.
+
+loss = diffusion loss of the dynamic model
+     + (optionally) diffusion loss of the complete model on the same weights
+     + flops_weight * (batch-mean FLOPs fraction - target)^2,
+with the target held at 1 for ``hold_steps``, then annealed linearly to ``target_ratio`` by
+``anneal_steps``, and timesteps stratified over the four quarters of [0, 1000).
+
+``python -m dydit_lab finetune --parent data/checkpoints/DiT-lab-L.pt --target-ratio 0.5 --out runs/dydit-L-0.5``
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoints import load_model, read_checkpoint
+from .data import load_dataset
+from .diffusion import GaussianDiffusion, min_snr_weights
+from .dydit import DyDiT
+from .training import atomic_save, resolve_device, update_ema
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class FinetuneConfig:
+    parent: str = "data/checkpoints/DiT-lab-L.pt"
+    out: str = "runs/dydit-L"
+    target_ratio: float = 0.5
+    steps: int = 1200
+    hold_steps: int = 50  # target = 1 while the routers settle
+    anneal_steps: int = 500  # target reaches target_ratio here
+    batch_size: int = 64
+    lr: float = 1e-4
+    router_lr: float = 1e-3  # routers start saturated (bias 15/35) and must move quickly
+    flops_weight: float = 2.0
+    complete_model_loss: bool = True
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    seed: int = 0
+    ckpt_minutes: float = 4.0
+    device: str = "auto"
+    resume: bool = False
+
+
+def target_at(step: int, cfg: FinetuneConfig) -> float:
+    """FLOPs target: 1.0 while holding, then linear down to ``target_ratio``."""
+    if step < cfg.hold_steps:
+        return 1.0
+    progress = min(1.0, (step - cfg.hold_steps) / max(1, cfg.anneal_steps - cfg.hold_steps))
+    return 1.0 - (1.0 - cfg.target_ratio) * progress
+
+
+def stratified_timesteps(batch: int, num_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """Equal shares of the batch from each quarter of [0, T), so every noise level is present."""
+    quarter = num_timesteps // 4
+    offsets = (torch.arange(batch) % 4) * quarter
+    return offsets + torch.randint(quarter, (batch,), generator=generator)
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Fine-tune (or resume) and return the checkpoint path."""
+    if not 0 < cfg.target_ratio <= 1:
+        raise ValueError(f"target_ratio must be in (0, 1], got {cfg.target_ratio}")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT_NAME
+    parent = load_model(cfg.parent)
+    model = (parent if isinstance(parent, DyDiT) else DyDiT.from_dit(parent)).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    routers = set(map(id, model.router_parameters()))
+    opt = torch.optim.AdamW([
+        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in routers], "lr": cfg.lr},
+        {"params": model.router_parameters(), "lr": cfg.router_lr},
+    ], weight_decay=0.0)
+    step = 0
+    if cfg.resume:
+        state = read_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or pick another --out")
+
+    images, labels = (x.to(device) for x in load_dataset("mnist", "train").tensors)
+    diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step * 7919)
+    out.mkdir(parents=True, exist_ok=True)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"finetune lambda={cfg.target_ratio}")
+    last_save = time.time()
+    while step < cfg.steps:
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).to(device)
+        x0, y = images[idx], labels[idx]
+        t = stratified_timesteps(cfg.batch_size, diffusion.num_timesteps, gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        weights = (min_snr_weights(diffusion.alphas_cumprod, t.cpu(), cfg.min_snr_gamma).float().to(device)
+                   if cfg.min_snr_gamma > 0 else None)
+        x_t = diffusion.q_sample(x0, t, noise)
+        out_dyn, routing = model(x_t, t, y, return_routing=True)
+        dyn = diffusion.losses_from_output(out_dyn, x0, x_t, t, noise, weights)["loss"].mean()
+        fraction = routing.block_flops_fraction(model.config).mean()
+        target = target_at(step, cfg)
+        loss = dyn + cfg.flops_weight * (fraction - target) ** 2
+        complete = torch.zeros(())
+        if cfg.complete_model_loss:
+            out_full = model(x_t, t, y, complete_model=True)
+            complete = diffusion.losses_from_output(out_full, x0, x_t, t, noise, weights)["loss"].mean()
+            loss = loss + complete
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        update_ema(ema, model, cfg.ema_decay)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{dyn.item():.4f}", flops=f"{fraction.item():.3f}", target=f"{target:.3f}")
+        _append_log(out / "log.csv", {
+            "step": step, "loss": dyn.item(), "complete_loss": complete.item(),
+            "flops_fraction": fraction.item(), "target": target,
+            "heads": routing.heads.mean().item(), "groups": routing.groups.mean().item(),
+            "tokens": routing.tokens.mean().item()})
+        if time.time() - last_save > 60 * cfg.ckpt_minutes or step == cfg.steps:
+            save(ckpt_path, model, ema, opt, cfg, step)
+            last_save = time.time()
+    bar.close()
+    return ckpt_path
+
+
+def save(path, model, ema, opt, cfg: FinetuneConfig, step: int) -> None:
+    args = dataclasses.asdict(cfg) | {"arch": model.arch, "model_config": dataclasses.asdict(model.config),
+                                      "kind": "dydit"}
+    atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "args": args, "step": step}, path)
+
+
+def _append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -1,0 +1,252 @@
+"""Loss analyses (DyDiT Figure 1): per-timestep loss, paired gap, patch maps, concentration."""
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from dydit_lab import create_model
+from dydit_lab.analysis import (
+    PatchLossMaps,
+    loss_gap,
+    noisy_images,
+    normalize_maps,
+    patch_loss_maps,
+    patch_mean,
+    per_timestep_loss,
+    sample_image_indices,
+    stroke_concentration,
+    summarize_gap,
+    timestep_noise,
+)
+from dydit_lab.diffusion import GaussianDiffusion
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = create_model("DiT-lab-T")
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model.eval()
+
+
+class ZeroEps(torch.nn.Module):
+    """Predicts eps = 0, so its squared error is exactly noise**2."""
+
+    patch_size = 8
+
+    def forward(self, x, t, y):
+        return torch.zeros_like(x)
+
+
+class Recorder(torch.nn.Module):
+    """Remembers every input it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t, y):
+        self.seen.append((x.clone(), t.clone(), y.clone()))
+        return torch.zeros_like(x)
+
+
+@pytest.fixture
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(5, 1, 32, 32, generator=gen) * 2 - 1
+    return images, torch.arange(5) % 10
+
+
+TS = [0, 400, 999]
+
+
+def test_per_timestep_loss_shape_and_columns(batch):
+    model = tiny_model()
+    df = per_timestep_loss({"S": model, "L": tiny_model(1)}, *batch, timesteps=TS,
+                           samples_per_t=3, batch_size=4, progress=False)
+    assert list(df.columns) == ["model", "t", "sample", "mse"]
+    assert len(df) == 2 * len(TS) * 3
+    assert set(df["model"]) == {"S", "L"} and sorted(df["t"].unique()) == TS
+    assert df.groupby(["model", "t"]).size().eq(3).all()
+    assert (df["mse"] > 0).all() and np.isfinite(df["mse"]).all()
+    assert not model.training
+
+
+def test_per_timestep_loss_restores_training_mode(batch):
+    model = tiny_model().train()
+    per_timestep_loss({"m": model}, *batch, timesteps=[5], samples_per_t=2, progress=False)
+    assert model.training
+
+
+def test_zero_model_mse_is_mean_squared_noise(batch):
+    images, labels = batch
+    df = per_timestep_loss({"zero": ZeroEps()}, images, labels, timesteps=TS, samples_per_t=4,
+                           batch_size=5, seed=3, progress=False)
+    for t in TS:
+        expected = timestep_noise(t, 4, images.shape[1:], seed=3).pow(2).mean(dim=(1, 2, 3))
+        got = df[df["t"] == t].sort_values("sample")["mse"].to_numpy()
+        np.testing.assert_allclose(got, expected.double().numpy(), rtol=1e-6)
+
+
+def test_same_inputs_for_every_model(batch):
+    images, labels = batch
+    a, b = Recorder(), Recorder()
+    per_timestep_loss({"a": a, "b": b}, images, labels, timesteps=TS, samples_per_t=3,
+                      batch_size=4, progress=False)
+    assert len(a.seen) == len(b.seen) > 1
+    for (xa, ta, ya), (xb, tb, yb) in zip(a.seen, b.seen):
+        assert torch.equal(xa, xb) and torch.equal(ta, tb) and torch.equal(ya, yb)
+    # and x_t is q_sample of the documented image with the documented noise
+    x = torch.cat([s[0] for s in a.seen])
+    idx = torch.from_numpy(sample_image_indices(len(TS), 3, len(images)).reshape(-1))
+    noise = torch.cat([timestep_noise(t, 3, images.shape[1:]) for t in TS])
+    t = torch.tensor(TS).repeat_interleave(3)
+    torch.testing.assert_close(x, GaussianDiffusion().q_sample(images[idx], t, noise))
+    assert torch.equal(torch.cat([s[2] for s in a.seen]), labels[idx])
+
+
+def test_result_independent_of_batching(batch):
+    model = tiny_model()
+    full = per_timestep_loss({"m": model}, *batch, timesteps=TS, samples_per_t=3, batch_size=2,
+                             progress=False)
+    other = per_timestep_loss({"m": model}, *batch, timesteps=TS, samples_per_t=3, batch_size=64,
+                              progress=False)
+    np.testing.assert_allclose(full["mse"], other["mse"], rtol=1e-5)
+
+
+def test_identical_models_give_zero_gap_and_band(batch):
+    model = tiny_model()
+    df = per_timestep_loss({"S": model, "L": copy.deepcopy(model)}, *batch, timesteps=TS,
+                           samples_per_t=4, batch_size=5, progress=False)
+    for smooth in (1, 3):
+        gap = loss_gap(df, "S", "L", smooth=smooth)
+        assert list(gap.columns[:7]) == ["t", "small", "large", "gap", "gap_lo", "gap_hi",
+                                         "relative_gap"]
+        assert (gap["gap"] == 0).all() and (gap["gap_lo"] == 0).all() and (gap["gap_hi"] == 0).all()
+        assert (gap["relative_gap"] == 0).all()
+
+
+def _fake_long(gaps, n=5, seed=0):
+    """Long df with large loss 1 and small = 1 + gap(t) + paired noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t, g in gaps.items():
+        d = g + rng.normal(0, 0.1, n)
+        for s in range(n):
+            rows += [("L", t, s, 1.0), ("S", t, s, 1.0 + d[s])]
+    return pd.DataFrame(rows, columns=["model", "t", "sample", "mse"])
+
+
+def test_loss_gap_matches_paired_t_interval():
+    df = _fake_long({0: 0.5, 1: 0.2, 2: 0.0, 3: -0.1})
+    gap = loss_gap(df, "S", "L")
+    for t in range(4):
+        sub = df[df["t"] == t].pivot(index="sample", columns="model", values="mse")
+        d = sub["S"] - sub["L"]
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        row = gap[gap["t"] == t].iloc[0]
+        assert row["gap"] == pytest.approx(d.mean())
+        assert row["gap_lo"] == pytest.approx(d.mean() - half)
+        assert row["gap_hi"] == pytest.approx(d.mean() + half)
+        assert row["relative_gap"] == pytest.approx(d.mean() / 1.0)
+
+
+def test_loss_gap_smoothing_is_centered_rolling_mean():
+    df = _fake_long({t: 0.1 * t for t in range(6)})
+    raw, smooth = loss_gap(df, "S", "L"), loss_gap(df, "S", "L", smooth=3)
+    expected = raw["gap"].rolling(3, center=True, min_periods=1).mean()
+    np.testing.assert_allclose(smooth["gap"], expected)
+    # the band of a 3-point average is narrower than a single point's (interior rows)
+    assert ((smooth["gap_hi"] - smooth["gap_lo"]) < (raw["gap_hi"] - raw["gap_lo"]))[1:-1].all()
+    assert smooth.attrs["smooth"] == 3
+
+
+def test_loss_gap_rejects_unknown_model():
+    with pytest.raises(ValueError, match="not in"):
+        loss_gap(_fake_long({0: 0.1}), "S", "XL")
+
+
+def test_summarize_gap_quarters():
+    df = _fake_long({t: (0.4 if t < 500 else 0.0) for t in range(0, 1000, 50)}, n=8)
+    summary = summarize_gap(loss_gap(df, "S", "L"))
+    assert list(summary["t_range"]) == ["0-249", "250-499", "500-749", "750-999"]
+    assert list(summary["n_timesteps"]) == [5, 5, 5, 5]
+    assert summary["gap"].iloc[0] == pytest.approx(0.4, abs=0.05)
+    assert summary["gap"].iloc[3] == pytest.approx(0.0, abs=0.05)
+    assert summary["gap_lo"].iloc[3] < 0 < summary["gap_hi"].iloc[3]  # gap vanishes here
+    assert summary["gap_lo"].iloc[0] > 0 and summary["frac_t_significant"].iloc[0] == 1.0
+
+
+def test_patch_mean_matches_unfold():
+    x = torch.arange(2 * 2 * 4 * 4, dtype=torch.float32).reshape(2, 2, 4, 4)
+    manual = F.unfold(x, kernel_size=2, stride=2)  # (N, C*p*p, L)
+    manual = manual.mean(dim=1).reshape(2, 2, 2)
+    torch.testing.assert_close(patch_mean(x, 2), manual)
+    assert patch_mean(x, 2)[0, 0, 0] == pytest.approx(np.mean([0, 1, 4, 5, 16, 17, 20, 21]))
+
+
+def test_patch_loss_maps_shapes_noise_and_values(batch):
+    images, labels = batch
+    model = tiny_model()
+    ts = [10, 500, 990]
+    res = patch_loss_maps(model, images, labels, ts, seed=2, batch_size=4)
+    assert isinstance(res, PatchLossMaps)
+    assert res.maps.shape == (5, 3, 4, 4) and res.patch_size == 8
+    assert res.x_t.shape == (5, 3, 1, 32, 32) and res.timesteps == ts
+    torch.testing.assert_close(res.x_t, noisy_images(images, ts, seed=2))
+    # the same noise at every timestep: recover it from x_t
+    acp = GaussianDiffusion().alphas_cumprod[ts].float().view(1, 3, 1, 1, 1)
+    eps = (res.x_t - acp.sqrt() * images[:, None]) / (1 - acp).sqrt()
+    torch.testing.assert_close(eps, res.noise[:, None].expand_as(eps), atol=2e-3, rtol=1e-3)
+    # maps are the unfold-averaged per-pixel error
+    d = GaussianDiffusion()
+    for j, t in enumerate(ts):
+        err = d.eps_squared_error(model, images, torch.full((5,), t), labels, res.noise)
+        manual = F.unfold(err, kernel_size=8, stride=8).mean(dim=1).reshape(5, 4, 4)
+        torch.testing.assert_close(res.maps[:, j], manual)
+
+
+def test_normalize_maps_range_and_constant():
+    maps = torch.stack([torch.rand(3, 4, 4) * 5 + 2, torch.full((3, 4, 4), 7.0)])
+    out = normalize_maps(maps)
+    assert out.shape == maps.shape
+    assert torch.allclose(out[0].amin(dim=(-2, -1)), torch.zeros(3))
+    assert torch.allclose(out[0].amax(dim=(-2, -1)), torch.ones(3))
+    assert (out[1] == 0).all()
+
+
+def _stroke_case():
+    """Two 8x8 images, patch 4: image 0 has ink in patch (0, 0), image 1 in (0, 0) and (1, 1)."""
+    images = torch.full((2, 1, 8, 8), -1.0)
+    images[0, :, :4, :4] = 1.0
+    images[1, :, :4, :4] = 1.0
+    images[1, :, 4:, 4:] = 1.0
+    stroke = patch_mean(images, 4) > -0.8
+    return images, stroke
+
+
+def test_stroke_concentration_all_loss_on_strokes():
+    images, stroke = _stroke_case()
+    maps = torch.stack([stroke.float() * 3.0, stroke.float() * 0.5], dim=1)  # (N, T=2, 2, 2)
+    out = stroke_concentration(maps, images, 4, timesteps=[100, 900])
+    assert list(out.columns) == ["t", "stroke_area_share", "stroke_loss_share", "ratio"]
+    assert list(out["t"]) == [100, 900]
+    np.testing.assert_allclose(out["stroke_loss_share"], 1.0)
+    np.testing.assert_allclose(out["stroke_area_share"], (0.25 + 0.5) / 2)
+    np.testing.assert_allclose(out["ratio"], 1.0 / 0.375)
+
+
+def test_stroke_concentration_uniform_loss_and_result_input(batch):
+    images, stroke = _stroke_case()
+    maps = torch.ones(2, 1, 2, 2)
+    out = stroke_concentration(maps, images, 4)
+    np.testing.assert_allclose(out["stroke_loss_share"], 0.375)
+    np.testing.assert_allclose(out["ratio"], 1.0)
+    res = PatchLossMaps(maps=maps, x_t=torch.zeros(2, 1, 1, 8, 8), noise=torch.zeros(2, 1, 8, 8),
+                        timesteps=[7], patch_size=4)
+    assert list(stroke_concentration(res, images)["t"]) == [7]
