@@ -137,7 +137,8 @@ def sample_image_indices(num_timesteps: int, samples_per_t: int, num_images: int
     about equally often and neighbouring timesteps see different images (as long as there
     are enough images), which keeps neighbouring per-timestep estimates independent.
     """
-    return np.arange(num_timesteps * samples_per_t).reshape(num_timesteps, samples_per_t) % num_images
+    flat = np.arange(num_timesteps * samples_per_t)
+    return (flat % num_images).reshape(num_timesteps, samples_per_t)
 
 
 def per_timestep_loss(models: Mapping[str, nn.Module], images, labels,
@@ -205,7 +206,8 @@ def _paired_stats(df: pd.DataFrame, small: str, large: str) -> pd.DataFrame:
     wide = sub.pivot(index=["t", "sample"], columns="model", values="mse")
     paired = wide.dropna()
     if len(paired) < len(wide):
-        warnings.warn(f"{len(wide) - len(paired)} (t, sample) pairs lack one of the models; dropped")
+        missing = len(wide) - len(paired)
+        warnings.warn(f"{missing} (t, sample) pairs lack one of the models; dropped")
     diff = (paired[small] - paired[large]).rename("diff")
     grouped = pd.concat([paired[[small, large]], diff], axis=1).groupby(level="t")
     stats = pd.DataFrame({

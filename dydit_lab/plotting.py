@@ -175,8 +175,9 @@ def plot_loss_maps(result: PatchLossMaps, images, labels=None, *, normalize: boo
 # ---------------------------------------------------------------------------
 
 
-def plot_sample_grid(images, labels=None, nrow: int = 10, *, class_names: Sequence[str] | None = None,
-                     pad: int = 2, ax: Axes | None = None, title: str | None = None) -> Figure:
+def plot_sample_grid(images, labels=None, nrow: int = 10, *,
+                     class_names: Sequence[str] | None = None, pad: int = 2,
+                     ax: Axes | None = None, title: str | None = None) -> Figure:
     """Digits in [-1, 1] tiled on one Axes, ``nrow`` images per row, in grey.
 
     With ``labels`` each tile is captioned by its label (or ``class_names[label]``).

@@ -182,6 +182,13 @@ def test_summarize_gap_quarters():
     assert summary["gap_lo"].iloc[0] > 0 and summary["frac_t_significant"].iloc[0] == 1.0
 
 
+def test_summarize_gap_of_smoothed_curve_has_no_band():
+    df = _fake_long({t: 0.1 for t in range(0, 1000, 100)})
+    with pytest.warns(UserWarning, match="smoothed"):
+        summary = summarize_gap(loss_gap(df, "S", "L", smooth=3), bins=2)
+    assert summary["gap_lo"].isna().all() and summary["gap"].notna().all()
+
+
 def test_patch_mean_matches_unfold():
     x = torch.arange(2 * 2 * 4 * 4, dtype=torch.float32).reshape(2, 2, 4, 4)
     manual = F.unfold(x, kernel_size=2, stride=2)  # (N, C*p*p, L)
