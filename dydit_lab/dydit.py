@@ -298,16 +298,20 @@ class RoutingRecorder(nn.Module):
     guidance each call covers the conditional and the unconditional half of the batch.
     """
 
-    def __init__(self, model: DyDiT):
+    def __init__(self, model: DyDiT, keep_inputs: bool = False):
         super().__init__()
         if not isinstance(model, DyDiT):
             raise TypeError(f"RoutingRecorder needs a DyDiT, got {type(model).__name__}")
         self.model = model
         self.records: list[Routing] = []
+        self.keep_inputs = keep_inputs
+        self.inputs: list[torch.Tensor] = []  # x_t of every call, with keep_inputs
         self.config, self.num_classes, self.in_channels = model.config, model.num_classes, model.in_channels
 
     def forward(self, x, t, y):
         out, routing = self.model(x, t, y, return_routing=True)
+        if self.keep_inputs:
+            self.inputs.append(x.detach().cpu())
         self.records.append(Routing(*(v.detach().cpu() for v in
                                       (routing.heads, routing.groups, routing.tokens, routing.t))))
         return out

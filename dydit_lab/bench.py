@@ -1,0 +1,610 @@
+"""Wall-clock benchmark: static DiT vs DyDiT (sliced and masked execution) at a FLOPs target.
+
+No training is involved. The DyDiT routers are *set* deterministically so that the exact
+counted FLOPs of the sampled timesteps (whole model, routers included, as
+:meth:`Routing.flops_fraction`) average to ``target_ratio``:
+
+* **Width (TDW).** A least-squares fit gives a direction ``w`` and offset ``b`` with
+  ``s(t) = w . t_emb(t) + b ~ t / 999`` (the normalised noise level; exact on the sampled
+  timesteps). Switchable unit ``k`` (1..H-1) of block ``j`` gets a rank ``r_jk`` in [0, 1),
+  staggered across blocks so the cost moves in fine steps, and the logit
+  ``scale * (knob - slope * s(t) - r_jk)``: it is on while ``r_jk < knob - slope * s(t)``, so
+  the width shrinks toward noisy (large) timesteps. Unit 0 is always on.
+* **Tokens (SDT).** On real activations (one masked pass over the batch of every sampled
+  timestep) each block's token head is made a linear score of the residual stream with a
+  bias at the quantile that keeps ``keep_rate`` of the tokens (pooled over the steps).
+* **Search.** ``knob`` is chosen among the plateaus of the (staircase) cost, at a plateau
+  midpoint so no gate sits on its threshold; the token calibration is rerun with the new
+  widths, and when the width settles the keep rate is nudged, until the measured fraction is
+  within ``tolerance / 2`` of the target.
+
+The timed run then counts the FLOPs of the routing it actually used (``flops_ratio``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import flops as flops_lib
+from .diffusion import GaussianDiffusion
+from .dydit import DyDiT, Routing
+from .models import DiT, DiTConfig, create_model, get_config
+
+DEFAULT_KEEP_RATE = 0.75   # SDT: share of tokens that run the MLP (before the final nudge)
+DEFAULT_WIDTH_SLOPE = 0.6  # TDW: width share lost from t = 0 to t = 999
+ROUTER_SCALE = 100.0       # logit = ROUTER_SCALE * margin: decisive gates
+TOLERANCE = 0.02           # |counted fraction - target| allowed
+KEEP_MARGIN = 0.03         # the width must have this much room around the target
+SCORE_STD = 10.0           # token scores are scaled to this spread (clear of sigmoid rounding)
+MAX_ITERATIONS = 12
+BENCH_DIR = Path("data/bench")
+
+
+# ---------------------------------------------------------------------------
+# Models and inputs
+# ---------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    return device
+
+
+def build_models(arch: str, input_size: int = 32, device: str | torch.device = "cpu",
+                 seed: int = 0) -> tuple[DiT, DyDiT]:
+    """A random-weight DiT of ``arch`` and a DyDiT on the same weights, both in eval mode.
+
+    adaLN-Zero starts every block as the identity and the output at zero; those layers get
+    small random weights here so that activations (and the token routers reading them) and
+    outputs are not trivial. Speed depends only on the shapes.
+    """
+    get_config(arch, input_size=input_size)  # ValueError for a bad arch / size, before building
+    torch.manual_seed(seed)
+    dit = create_model(arch, input_size=input_size)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        zero_init = [b.adaLN_modulation[-1] for b in dit.blocks]
+        zero_init += [dit.final_layer.adaLN_modulation[-1], dit.final_layer.linear]
+        for layer in zero_init:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.02)
+    device = torch.device(device)
+    dit = dit.to(device).eval()
+    dydit = DyDiT.from_dit(dit).eval()
+    return dit, dydit
+
+
+@dataclass
+class BenchInputs:
+    """One batch per sampled timestep, in sampling order (noisiest first)."""
+
+    timesteps: list[int]        # base (1000-step) timesteps given to the model
+    x: list[torch.Tensor]       # (B, C, H, W) noised latents, one per timestep
+    t: list[torch.Tensor]       # (B,) timesteps
+    y: torch.Tensor             # (B,) labels, shared by all steps
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.y)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All steps as one batch (step-major)."""
+        return torch.cat(self.x), torch.cat(self.t), self.y.repeat(len(self.x))
+
+
+def make_inputs(model: DiT, batch_size: int, steps: int, seed: int = 0) -> BenchInputs:
+    """Real-looking inputs: a smooth random latent noised to each of the ``steps`` timesteps
+    of a respaced process (same latent and noise at every step), random labels."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    process = GaussianDiffusion().respaced(steps)  # ValueError for steps outside [1, 1000]
+    timesteps = sorted(process.timestep_map, reverse=True)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    low = max(1, cfg.input_size // 4)
+    x0 = torch.randn(batch_size, cfg.in_channels, low, low, generator=gen)
+    x0 = F.interpolate(x0, size=(cfg.input_size,) * 2, mode="bilinear", align_corners=False)
+    x0 = x0 / x0.std()
+    noise = torch.randn(x0.shape, generator=gen)
+    y = torch.randint(0, cfg.num_classes, (batch_size,), generator=gen)
+    base = GaussianDiffusion()
+    device = next(model.parameters()).device
+    xs, ts = [], []
+    for t in timesteps:
+        tt = torch.full((batch_size,), t, dtype=torch.long)
+        xs.append(base.q_sample(x0, tt, noise).float().to(device))
+        ts.append(tt.to(device))
+    return BenchInputs(timesteps, xs, ts, y.to(device))
+
+
+# ---------------------------------------------------------------------------
+# FLOPs helpers
+# ---------------------------------------------------------------------------
+
+
+def flops_bounds(config: DiTConfig) -> tuple[float, float]:
+    """(floor, all-on) FLOPs fractions of a DyDiT, routers included: the floor keeps only
+    head 0 and group 0 and no token in every block; all-on runs everything (plus routers)."""
+    total = flops_lib.analytic_flops(config)["total"]
+    N, H = flops_lib.num_tokens(config), config.num_heads
+    floor = flops_lib.dynamic_model_flops(config, [(1, 1, 0)] * config.depth) / total
+    full = flops_lib.dynamic_model_flops(config, [(H, H, N)] * config.depth) / total
+    return floor, full
+
+
+def check_target(config: DiTConfig, target_ratio: float) -> None:
+    floor, _ = flops_bounds(config)
+    if not (math.isfinite(target_ratio) and floor <= target_ratio <= 1.0):
+        raise ValueError(
+            f"target ratio {target_ratio} cannot be reached: a DyDiT of this config runs between "
+            f"{floor:.4f} (head 0, group 0, no token in every block) and 1.0 of the static FLOPs")
+
+
+def _fractions(config: DiTConfig, heads, groups, kept) -> torch.Tensor:
+    """Per-sample FLOPs fractions from counts (S, depth) each."""
+    total = flops_lib.analytic_flops(config)["total"]
+    rows = torch.stack([heads, groups, kept], -1).tolist()
+    return torch.tensor([flops_lib.dynamic_model_flops(config, [tuple(r) for r in sample]) / total
+                         for sample in rows], dtype=torch.float64)
+
+
+def _mean_fraction(config, heads, groups, kept) -> float:
+    """The cost of blocks at fractional mean counts (used only to choose the keep rate)."""
+    total = flops_lib.analytic_flops(config)["total"]
+    return flops_lib.dynamic_model_flops(config, [(heads, groups, kept)] * config.depth) / total
+
+
+# ---------------------------------------------------------------------------
+# Router setting
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fit_noise_level(model: DyDiT, timesteps: list[int]) -> tuple[torch.Tensor, float, float]:
+    """``(w, b, max_error)`` with ``w . t_emb(t) + b ~ t / 999``.
+
+    Weighted ridge least squares over all 1000 timesteps, the sampled ones weighted 30x so
+    the fit is (near) exact where it matters; ``max_error`` is on the sampled timesteps.
+    """
+    device = next(model.parameters()).device
+    all_t = torch.arange(1000, device=device)
+    samp = torch.tensor(sorted(timesteps), device=device)
+    E = model.t_embedder(all_t).double().cpu()
+    Es = model.t_embedder(samp).double().cpu()
+    mu = E.mean(0)
+    weight = 30.0
+    X = torch.cat([E - mu, (Es - mu) * weight])
+    ones = torch.cat([torch.ones(len(E)), torch.full((len(Es),), weight)]).double()
+    X = torch.cat([X, ones[:, None]], 1)
+    target = torch.cat([all_t.cpu().double() / 999, samp.cpu().double() / 999 * weight])
+    lam = 1e-6 * (E - mu).pow(2).sum() / E.shape[1]
+    reg = torch.eye(X.shape[1], dtype=torch.float64) * lam
+    reg[-1, -1] = 0.0  # the offset is not shrunk
+    sol = torch.linalg.solve(X.T @ X + reg, X.T @ target)
+    w, b = sol[:-1], float(sol[-1] - sol[:-1] @ mu)
+    err = float(((Es @ w + b) - samp.cpu().double() / 999).abs().max())
+    return w, b, err
+
+
+def _unit_ranks(depth: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(depth, H-1) ranks in [0, 1) of the switchable heads and MLP groups: unit k of block j
+    sits at (k + o_j) / (H - 1), the offsets o_j staggered over blocks (groups interleaved)."""
+    k = torch.arange(num_heads - 1, dtype=torch.float64)
+    o = (torch.arange(depth, dtype=torch.float64) + 0.5) / depth
+    heads = (k[None] + o[:, None]) / (num_heads - 1)
+    groups = (k[None] + ((o + 0.5) % 1.0)[:, None]) / (num_heads - 1)
+    return heads, groups
+
+
+@torch.no_grad()
+def set_width_routers(model: DyDiT, w: torch.Tensor, b: float, knob: float,
+                      slope: float = DEFAULT_WIDTH_SLOPE, scale: float = ROUTER_SCALE) -> None:
+    """Unit k of block j on iff ``rank_jk < knob - slope * (w . t_emb + b)``."""
+    head_ranks, group_ranks = _unit_ranks(len(model.blocks), model.num_heads)
+    for j, block in enumerate(model.blocks):
+        for router, ranks in ((block.attn_rate.router, head_ranks[j]),
+                              (block.mlp_rate.router, group_ranks[j])):
+            weight = (-scale * slope * w).to(router.weight)
+            router.weight.copy_(weight.expand_as(router.weight))
+            router.bias.copy_((scale * (knob - slope * b - ranks)).to(router.bias))
+
+
+def _cut(score: torch.Tensor, keep_rate: float) -> float:
+    """A threshold keeping ~keep_rate of ``score``, at the widest gap near the quantile."""
+    s = score.flatten().double().sort(descending=True).values
+    M = len(s)
+    k0 = round(keep_rate * M)
+    spread = float(s[0] - s[-1]) + 1.0
+    if k0 <= 0:
+        return float(s[0]) + spread
+    if k0 >= M:
+        return float(s[-1]) - spread
+    half = max(1, M // 200)
+    ks = torch.arange(max(1, k0 - half), min(M - 1, k0 + half) + 1)
+    gaps = s[ks - 1] - s[ks]
+    k = int(ks[gaps.argmax()])
+    return float(s[k - 1] + s[k]) / 2
+
+
+def _token_calibration_hook(keep_rate: float):
+    """Forward pre-hook for ``token_selection.mlp_head``: make the head a linear score of the
+    tokens it sees (first-layer bias lifts every ReLU input above 0: no ties at 0), scale it
+    to SCORE_STD and set the last bias at the keep-rate quantile of these tokens."""
+
+    def hook(module: nn.Sequential, args):
+        x = args[0]
+        lin1, lin2 = module[0], module[2]
+        flat = x.reshape(-1, x.shape[-1])
+        h = F.linear(flat, lin1.weight)
+        lin1.bias.copy_(1.0 - h.min(0).values)
+        lin2.weight.fill_(1.0)
+        lin2.bias.zero_()
+        score = F.linear(F.relu(h + lin1.bias), lin2.weight).squeeze(-1)
+        lin2.weight.mul_(SCORE_STD / max(float(score.std()), 1e-12))
+        score = F.linear(F.relu(h + lin1.bias), lin2.weight).squeeze(-1)
+        lin2.bias.fill_(-_cut(score, keep_rate))
+
+    return hook
+
+
+@torch.no_grad()
+def calibrate_token_routers(model: DyDiT, inputs: BenchInputs, keep_rate: float) -> Routing:
+    """One masked pass over all steps at once; every block's token head is set on the fly
+    (before its own decision, so later blocks see the final routing of earlier ones).
+    Returns the routing of that pass (samples step-major)."""
+    handles = [b.token_selection.mlp_head.register_forward_pre_hook(_token_calibration_hook(keep_rate))
+               for b in model.blocks]
+    execution = model.execution
+    try:
+        model.execution = "masked"
+        _, routing = model(*inputs.stacked(), return_routing=True)
+    finally:
+        model.execution = execution
+        for h in handles:
+            h.remove()
+    return routing.detach()
+
+
+@dataclass
+class RouterSetting:
+    """How the routers were set and what the calibration pass counted."""
+
+    target_ratio: float
+    knob: float
+    width_slope: float
+    keep_rate: float
+    flops_ratio: float               # measured on the calibration pass
+    iterations: int
+    fit_max_error: float
+    per_step: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"router_knob": self.knob, "width_slope": self.width_slope,
+                "keep_rate_setting": self.keep_rate, "calibration_flops_ratio": self.flops_ratio,
+                "calibration_iterations": self.iterations, "noise_fit_max_error": self.fit_max_error}
+
+
+def _choose_keep_rate(config: DiTConfig, target: float, keep_rate: float) -> float:
+    """``keep_rate``, moved only if the width alone could not reach ``target`` with it."""
+    N, H = flops_lib.num_tokens(config), config.num_heads
+    lo = lambda p: _mean_fraction(config, 1, 1, p * N)  # noqa: E731  (cost is linear in p)
+    hi = lambda p: _mean_fraction(config, H, H, p * N)  # noqa: E731
+    if hi(keep_rate) < target + KEEP_MARGIN:
+        slope = hi(1.0) - hi(0.0)
+        keep_rate = (target + KEEP_MARGIN - hi(0.0)) / slope
+    elif lo(keep_rate) > target - KEEP_MARGIN:
+        slope = lo(1.0) - lo(0.0)
+        keep_rate = (target - KEEP_MARGIN - lo(0.0)) / slope
+    return min(1.0, max(0.0, keep_rate))
+
+
+@torch.no_grad()
+def set_routers(model: DyDiT, inputs: BenchInputs, target_ratio: float, *,
+                keep_rate: float = DEFAULT_KEEP_RATE, width_slope: float = DEFAULT_WIDTH_SLOPE,
+                tolerance: float = TOLERANCE) -> RouterSetting:
+    """Set every router of ``model`` (in place) so that the counted FLOPs fraction on
+    ``inputs`` is within ``tolerance`` of ``target_ratio``; see the module docstring."""
+    cfg = model.config
+    check_target(cfg, target_ratio)
+    if not 0.0 <= keep_rate <= 1.0:
+        raise ValueError(f"keep_rate must lie in [0, 1], got {keep_rate}")
+    if width_slope < 0:
+        raise ValueError(f"width_slope must be >= 0, got {width_slope}")
+    model.eval()
+    steps, B, depth = len(inputs.timesteps), inputs.batch_size, cfg.depth
+    N = flops_lib.num_tokens(cfg)
+    w, b, fit_err = fit_noise_level(model, inputs.timesteps)
+
+    # Plateaus of the width staircase: a gate flips where knob = slope * s(t_i) + rank.
+    device = next(model.parameters()).device
+    t_steps = torch.tensor(inputs.timesteps, device=device)
+    t_emb = model.t_embedder(t_steps)
+    s_hat = t_emb.double().cpu() @ w + b
+    head_ranks, group_ranks = _unit_ranks(depth, model.num_heads)
+    ranks = torch.cat([head_ranks.flatten(), group_ranks.flatten()])
+    breaks = (width_slope * s_hat[:, None] + ranks[None]).flatten().sort().values
+    breaks = breaks[torch.cat([torch.tensor([True]), breaks[1:] - breaks[:-1] > 1e-9])]
+    knobs = torch.cat([breaks[:1] - 0.05, (breaks[1:] + breaks[:-1]) / 2, breaks[-1:] + 0.05]).tolist()
+
+    def width_counts(knob: float) -> tuple[torch.Tensor, torch.Tensor]:
+        set_width_routers(model, w, b, knob, width_slope)
+        heads, groups = model.width_gates(t_emb)  # (steps, depth, H)
+        rep = lambda g: g.sum(-1).double().cpu().repeat_interleave(B, dim=0)  # noqa: E731
+        return rep(heads), rep(groups)
+
+    def predicted(idx: int, kept: torch.Tensor) -> float:
+        return float(_fractions(cfg, *width_counts(knobs[idx]), kept).mean())
+
+    def best_plateau(kept: torch.Tensor) -> int:
+        lo, hi = 0, len(knobs) - 1  # first plateau at or above the target, by bisection
+        if predicted(hi, kept) < target_ratio:
+            return hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if predicted(mid, kept) >= target_ratio:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo > 0 and abs(predicted(lo - 1, kept) - target_ratio) < abs(predicted(lo, kept) - target_ratio):
+            return lo - 1
+        return lo
+
+    p = _choose_keep_rate(cfg, target_ratio, keep_rate)
+    kept = torch.full((steps * B, depth), p * N, dtype=torch.float64)
+    prev_idx, measured, per_sample = None, float("nan"), None
+    for iteration in range(1, MAX_ITERATIONS + 1):
+        idx = best_plateau(kept)
+        set_width_routers(model, w, b, knobs[idx], width_slope)
+        routing = calibrate_token_routers(model, inputs, p)
+        per_sample = routing.flops_fraction(cfg).double()
+        measured = float(per_sample.mean())
+        kept = routing.tokens.sum(-1).double().cpu()
+        if abs(measured - target_ratio) <= tolerance / 2:
+            break
+        if idx == prev_idx:
+            # The width has settled: move the keep rate by the linearised cost of a token.
+            mlp = flops_lib.block_flops(cfg, N)["mlp"] / N / model.num_heads
+            d_cost = float((routing.groups.sum(-1).double().cpu() * N * mlp).sum(-1).mean())
+            d_cost /= flops_lib.analytic_flops(cfg)["total"]
+            if d_cost <= 0:
+                break
+            p = min(1.0, max(0.0, p + (target_ratio - measured) / d_cost))
+        prev_idx = idx
+    if abs(measured - target_ratio) > tolerance:
+        raise RuntimeError(f"router setting reached {measured:.4f}, not {target_ratio} +- {tolerance}")
+    per_step = per_sample.view(steps, B).mean(1).tolist()
+    return RouterSetting(target_ratio, knobs[idx], width_slope, p, measured, iteration, fit_err, per_step)
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # CUDA only: kernels are asynchronous, wait before reading a timer
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _timed_pass(fn, inputs: BenchInputs, device: torch.device) -> tuple[float, list]:
+    """Seconds for one model forward at every sampled timestep, and the outputs."""
+    outs = []
+    _sync(device)
+    start = time.perf_counter()
+    for x, t in zip(inputs.x, inputs.t):
+        outs.append(fn(x, t, inputs.y))
+    _sync(device)
+    return time.perf_counter() - start, outs
+
+
+def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
+               device: torch.device | None = None) -> dict:
+    """Median seconds per pass over the steps of the static DiT and of DyDiT sliced/masked.
+
+    One untimed warm-up pass per path (it also fills the sliced-weight cache), then
+    ``repeats`` passes with the paths interleaved so that a drifting background load hits all
+    three alike. Returns the per-pass totals and the last pass's outputs and routings.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be positive, got {repeats}")
+    device = device or next(dit.parameters()).device
+    dit.eval(), dydit.eval()
+
+    def dynamic(execution):
+        def fn(x, t, y):
+            dydit.execution = execution
+            return dydit(x, t, y, return_routing=True)
+        return fn
+
+    paths = {"static": dit, "sliced": dynamic("sliced"), "masked": dynamic("masked")}
+    for fn in paths.values():
+        _timed_pass(fn, inputs, device)  # warm-up
+    times = {name: [] for name in paths}
+    last = {}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            seconds, outs = _timed_pass(fn, inputs, device)
+            times[name].append(seconds)
+            last[name] = outs
+    dydit.execution = "sliced"
+    return {"times": times, "outputs": last}
+
+
+# ---------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------
+
+
+def _routing_summary(config: DiTConfig, routings: list[Routing]) -> dict:
+    per_step = [float(r.flops_fraction(config).mean()) for r in routings]
+    mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
+    heads = [float(r.heads.float().mean()) for r in routings]
+    groups = [float(r.groups.float().mean()) for r in routings]
+    tokens = [float(r.tokens.float().mean()) for r in routings]
+    return {
+        "flops_ratio": mean(per_step),
+        "token_keep_rate": mean(tokens),
+        "head_fraction": mean(heads),
+        "group_fraction": mean(groups),
+        "flops_ratio_per_step": per_step,
+        "head_fraction_per_step": heads,
+        "group_fraction_per_step": groups,
+        "token_keep_rate_per_step": tokens,
+    }
+
+
+def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, batch_size: int = 2,
+                  steps: int = 4, repeats: int = 3, device: str = "auto", seed: int = 0,
+                  keep_rate: float = DEFAULT_KEEP_RATE, width_slope: float = DEFAULT_WIDTH_SLOPE,
+                  models: tuple[DiT, DyDiT] | None = None, verbose: bool = False) -> dict:
+    """Build (or reuse) the models, set the routers for ``target_ratio`` and time the three
+    paths; returns the result record (JSON-ready). Raises ValueError for a bad arch, device,
+    target ratio, batch size, step count or repeat count."""
+    cfg = get_config(arch, input_size=input_size)
+    check_target(cfg, target_ratio)
+    if repeats < 1:
+        raise ValueError(f"repeats must be positive, got {repeats}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    dev = resolve_device(device)
+    say = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a: None)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    t0 = time.perf_counter()
+    if models is None:
+        dit, dydit = build_models(arch, input_size, dev, seed)
+        say(f"built {arch} x2 in {time.perf_counter() - t0:.1f}s")
+    else:
+        dit, dydit = models
+    inputs = make_inputs(dit, batch_size, steps, seed)
+    t1 = time.perf_counter()
+    setting = set_routers(dydit, inputs, target_ratio, keep_rate=keep_rate, width_slope=width_slope)
+    dydit.clear_slice_cache()
+    say(f"routers set in {time.perf_counter() - t1:.1f}s ({setting.iterations} passes): "
+        f"{setting.flops_ratio:.4f} of the FLOPs")
+    t2 = time.perf_counter()
+    timing = time_paths(dit, dydit, inputs, repeats, dev)
+    say(f"timed in {time.perf_counter() - t2:.1f}s")
+
+    outs = timing["outputs"]
+    sliced_routings = [r for _, r in outs["sliced"]]
+    masked_routings = [r for _, r in outs["masked"]]
+    summary = _routing_summary(cfg, sliced_routings)
+    routing_agree = all(
+        torch.equal(a.heads, b.heads) and torch.equal(a.groups, b.groups)
+        and torch.equal(a.tokens, b.tokens) for a, b in zip(sliced_routings, masked_routings))
+    max_diff = max(float((a - b).abs().max()) for (a, _), (b, _) in zip(outs["sliced"], outs["masked"]))
+
+    per_step = lambda name: statistics.median(timing["times"][name]) / steps  # noqa: E731
+    static, dynamic, masked = per_step("static"), per_step("sliced"), per_step("masked")
+    ideal = 1.0 / summary["flops_ratio"]
+    speedup = static / dynamic
+    total = flops_lib.analytic_flops(cfg)["total"]
+    result = {
+        "arch": arch,
+        "input_size": input_size,
+        "tokens": flops_lib.num_tokens(cfg),
+        "device": str(dev),
+        "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"  # CUDA only
+                        else platform.processor() or platform.machine()),
+        "batch_size": batch_size,
+        "steps": steps,
+        "timesteps": inputs.timesteps,
+        "repeats": repeats,
+        "target_ratio": target_ratio,
+        "flops_ratio": summary["flops_ratio"],
+        "static_seconds": static,
+        "dynamic_seconds": dynamic,
+        "masked_seconds": masked,
+        "speedup": speedup,
+        "masked_speedup": static / masked,
+        "ideal_speedup": ideal,
+        "efficiency": speedup / ideal,
+        "token_keep_rate": summary["token_keep_rate"],
+        "head_fraction": summary["head_fraction"],
+        "group_fraction": summary["group_fraction"],
+        "flops_ratio_per_step": summary["flops_ratio_per_step"],
+        "head_fraction_per_step": summary["head_fraction_per_step"],
+        "group_fraction_per_step": summary["group_fraction_per_step"],
+        "token_keep_rate_per_step": summary["token_keep_rate_per_step"],
+        "static_gflops_per_sample": total / 1e9,
+        "static_pass_seconds": timing["times"]["static"],
+        "dynamic_pass_seconds": timing["times"]["sliced"],
+        "masked_pass_seconds": timing["times"]["masked"],
+        "routing_agree": routing_agree,
+        "max_abs_diff_sliced_masked": max_diff,
+        **setting.as_dict(),
+        "torch_version": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average_before": list(load_before) if load_before else None,
+        "load_average_after": list(os.getloadavg()) if load_before else None,
+        "seed": seed,
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return result
+
+
+def parse_batch_list(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--sweep-batch takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"--sweep-batch takes positive batch sizes, got {text!r}")
+    return values
+
+
+def _csv_cell(value):
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """One row per result; columns are the keys of the first row (lists JSON-encoded)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
+    return path
+
+
+def sweep_name(arch: str, device: str, target_ratio: float) -> str:
+    slug = arch.replace("DiT-", "").replace("/", "").replace("-", "_").lower()
+    return f"{device}_{slug}_r{target_ratio:g}_sweep"
+
+
+def run_sweep(arch: str, batch_sizes: list[int], *, device: str = "auto", input_size: int = 32,
+              verbose: bool = False, **kwargs) -> list[dict]:
+    """:func:`run_benchmark` for several batch sizes on one pair of models."""
+    get_config(arch, input_size=input_size)
+    dev = resolve_device(device)
+    models = build_models(arch, input_size, dev, kwargs.get("seed", 0))
+    rows = []
+    for batch in batch_sizes:
+        rows.append(run_benchmark(arch, input_size=input_size, batch_size=batch, device=str(dev),
+                                  models=models, verbose=verbose, **kwargs))
+        if verbose:
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
