@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -487,7 +488,7 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     dev = resolve_device(device)
-    say = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a: None)
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     if models is None:
@@ -606,5 +607,5 @@ def run_sweep(arch: str, batch_sizes: list[int], *, device: str = "auto", input_
         rows.append(run_benchmark(arch, input_size=input_size, batch_size=batch, device=str(dev),
                                   models=models, verbose=verbose, **kwargs))
         if verbose:
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows

@@ -100,6 +100,33 @@ def cmd_flops(args):
             print(f"{key:>16}: {value}")
 
 
+def cmd_figures(args):
+    from .figures import build_figures, describe
+
+    print(describe(build_figures(args.out, only=args.only, device=args.device)))
+
+
+def cmd_bench(args):
+    from .bench import BENCH_DIR, parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
+
+    common = dict(input_size=args.input_size, target_ratio=args.target_ratio, steps=args.steps,
+                  repeats=args.repeats, device=args.device, seed=args.seed,
+                  keep_rate=args.keep_rate, verbose=not args.quiet)
+    if args.sweep_batch:
+        rows = run_sweep(args.arch, parse_batch_list(args.sweep_batch), **common)
+        name = args.name or sweep_name(args.arch, rows[0]["device"], args.target_ratio)
+        print(f"wrote {write_csv(rows, BENCH_DIR / (name + '.csv'))}")
+        result = rows
+    else:
+        result = run_benchmark(args.arch, batch_size=args.batch_size, **common)
+        print(json.dumps(result, indent=1))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dydit_lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=32, help="latent/image side (32 = 256 px latent)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
+    p = sub.add_parser("figures", help="regenerate figures/*.png from the committed checkpoints")
+    p.add_argument("--out", default="figures")
+    p.add_argument("--only", nargs="*", help="figure names (default: all)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_figures)
+    p = sub.add_parser("bench", help="wall-clock speed of DyDiT (sliced, masked) vs its DiT at a "
+                       "FLOPs target (random weights, routers set without training)")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--target-ratio", type=float, default=0.5, help="DyDiT FLOPs / DiT FLOPs")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4, help="sampled timesteps (respaced process)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-rate", type=float, default=0.75, help="SDT token keep rate to start from")
+    p.add_argument("--json", help="also write the result to this file")
+    p.add_argument("--sweep-batch", help="comma-separated batch sizes: CSV in data/bench/")
+    p.add_argument("--name", help="CSV name for --sweep-batch (default from arch/device/target)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -251,6 +251,7 @@ def plot_width_heatmap(trace: RoutingTrace, kind: str = "heads", ax: Axes | None
     im = ax.imshow(gates, aspect="auto", cmap="viridis", vmin=0, vmax=1, extent=extent,
                    interpolation="nearest")
     ax.invert_xaxis()  # t from 0 (left) to 999 (right), like the loss curves
+    ax.set_yticks(range(gates.shape[0]))
     if step is not None:
         ax.axvline(trace.timesteps[step], color="white", lw=1.5, ls="--")
     ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)

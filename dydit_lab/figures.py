@@ -1,0 +1,141 @@
+"""The figures of the notebooks, built from the committed checkpoints in ``data/``.
+
+Each ``*_figure`` function computes what it needs and returns ``(Figure, table)``; the
+notebooks call them to display, ``python -m dydit_lab figures`` (``make figures``) calls
+them to write ``figures/*.png``. One code path for both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from .analysis import loss_gap, patch_loss_maps, per_timestep_loss, stroke_concentration, summarize_gap
+from .checkpoints import load_model
+from .data import mnist_split
+from .evaluation import DATA_DIR, generate
+from .plotting import plot_loss_curves, plot_loss_maps, plot_sample_grid, save_figure
+
+CHECKPOINT_DIR = DATA_DIR / "checkpoints"
+FIGURES_DIR = DATA_DIR.parent / "figures"
+LAB_MODELS = ("DiT-lab-S", "DiT-lab-L")
+REGENERATE = {
+    "DiT-lab-S": "python -m dydit_lab train --arch DiT-lab-S --out runs/lab-S --steps 12000 "
+                 "--batch-size 128, then python -m dydit_lab export (see README)",
+    "DiT-lab-L": "python -m dydit_lab train --arch DiT-lab-L --out runs/lab-L --batch-size 64, "
+                 "then python -m dydit_lab export (see README)",
+}
+
+
+def checkpoint_path(name: str) -> Path:
+    """``data/checkpoints/<name>.pt``; a clear error naming the command that makes it."""
+    path = CHECKPOINT_DIR / f"{name}.pt"
+    if not path.exists():
+        how = REGENERATE.get(name, "see the README")
+        raise FileNotFoundError(f"missing {path}: make it with {how}")
+    return path
+
+
+def lab_model(name: str, device="cpu"):
+    return load_model(checkpoint_path(name), device=device)
+
+
+# ---------------------------------------------------------------------------
+# Foundation: sample grids
+# ---------------------------------------------------------------------------
+
+
+def sample_grid_figure(name: str, num: int = 50, steps: int = 50, seed: int = 0, device="cpu"):
+    """Class-conditional DDIM samples of a lab model: 5 per digit, one column per class."""
+    model = lab_model(name, device)
+    samples, labels = generate(model, num, steps=steps, seed=seed, device=device, progress=False)
+    order = torch.argsort(labels * num + torch.arange(num))  # group by digit, row = repeat
+    grid = samples[order].reshape(10, num // 10, *samples.shape[1:]).transpose(0, 1).reshape_as(samples)
+    glabels = labels[order].reshape(10, num // 10).T.reshape(-1)
+    fig = plot_sample_grid(grid, glabels, nrow=10, title=f"{name}: DDIM-{steps} samples")
+    return fig, pd.DataFrame({"label": labels.numpy()})
+
+
+# ---------------------------------------------------------------------------
+# Notebook 01: loss gap (DyDiT Figure 1(a))
+# ---------------------------------------------------------------------------
+
+
+def loss_gap_figure(timesteps=range(0, 1000, 2), samples_per_t: int = 24, smooth: int = 9,
+                    device="cpu", progress: bool = True):
+    """Per-timestep loss of the small and the large lab model on the same images and noise,
+    their gap with a 95 % band; returns (Figure, summary per quarter of the timesteps)."""
+    models = {name: lab_model(name, device) for name in LAB_MODELS}
+    images, labels = mnist_split("val").tensors
+    df = per_timestep_loss(models, images, labels, timesteps=timesteps, samples_per_t=samples_per_t,
+                           device=device, progress=progress)
+    gap = loss_gap(df, *LAB_MODELS, smooth=1)
+    summary = summarize_gap(gap)
+    fig = plot_loss_curves(df, *LAB_MODELS, smooth=smooth, relative=True,
+                           title="Noise-prediction loss: small vs large lab DiT (MNIST val)")
+    return fig, summary
+
+
+# ---------------------------------------------------------------------------
+# Notebook 02: per-patch loss maps (DyDiT Figure 1(b))
+# ---------------------------------------------------------------------------
+
+LOSS_MAP_TIMESTEPS = (50, 250, 500, 750, 950)
+
+
+def loss_maps_figure(num_images: int = 4, timesteps=LOSS_MAP_TIMESTEPS, summary_images: int = 200,
+                     device="cpu"):
+    """Normalised per-patch loss maps of the large lab model beside x_t and the clean digit,
+    and the share of the loss on stroke patches (over ``summary_images`` digits)."""
+    model = lab_model("DiT-lab-L", device)
+    images, labels = mnist_split("val").tensors
+    picks = torch.arange(num_images) * (len(images) // num_images)
+    shown = patch_loss_maps(model, images[picks], labels[picks], timesteps, device=device)
+    fig = plot_loss_maps(shown, images[picks], labels[picks],
+                         title="Where the loss is: per-patch eps error of DiT-lab-L (normalised per map)")
+    many = patch_loss_maps(model, images[:summary_images], labels[:summary_images], timesteps, device=device)
+    return fig, stroke_concentration(many, images[:summary_images])
+
+
+# ---------------------------------------------------------------------------
+# make figures
+# ---------------------------------------------------------------------------
+
+BUILDERS: dict[str, Callable] = {
+    "samples_DiT-lab-S": lambda device: sample_grid_figure("DiT-lab-S", device=device),
+    "samples_DiT-lab-L": lambda device: sample_grid_figure("DiT-lab-L", device=device),
+    "loss_gap": lambda device: loss_gap_figure(device=device),
+    "loss_maps": lambda device: loss_maps_figure(device=device),
+}
+
+
+def build_figures(out_dir: str | Path = FIGURES_DIR, only: list[str] | None = None,
+                  device="cpu") -> dict[str, str]:
+    """Write every figure (or ``only`` those) as PNG; returns name -> path or skip reason."""
+    unknown = set(only or []) - set(BUILDERS)
+    if unknown:
+        raise ValueError(f"unknown figure(s) {sorted(unknown)}; choose from {sorted(BUILDERS)}")
+    done = {}
+    for name, build in BUILDERS.items():
+        if only and name not in only:
+            continue
+        try:
+            fig, table = build(device)
+        except FileNotFoundError as err:  # a checkpoint not trained yet: say so, go on
+            done[name] = f"skipped: {err}"
+            continue
+        path = save_figure(fig, Path(out_dir) / f"{name}.png")
+        if table is not None and len(table.columns) > 1:
+            table.to_csv(Path(out_dir) / f"{name}.csv", index=False)
+        done[name] = str(path)
+        plt.close("all")
+    return done
+
+
+def describe(done: dict[str, str]) -> str:
+    return json.dumps(done, indent=2)
