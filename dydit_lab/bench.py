@@ -477,11 +477,17 @@ def _routing_summary(config: DiTConfig, routings: list[Routing]) -> dict:
 def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, batch_size: int = 2,
                   steps: int = 4, repeats: int = 3, device: str = "auto", seed: int = 0,
                   keep_rate: float = DEFAULT_KEEP_RATE, width_slope: float = DEFAULT_WIDTH_SLOPE,
-                  models: tuple[DiT, DyDiT] | None = None, verbose: bool = False) -> dict:
+                  threads: int | None = None, models: tuple[DiT, DyDiT] | None = None,
+                  verbose: bool = False) -> dict:
     """Build (or reuse) the models, set the routers for ``target_ratio`` and time the three
-    paths; returns the result record (JSON-ready). Raises ValueError for a bad arch, device,
-    target ratio, batch size, step count or repeat count."""
+    paths; returns the result record (JSON-ready). ``threads`` sets torch's intra-op thread
+    count (default: leave torch's choice, i.e. all cores or OMP_NUM_THREADS). Raises
+    ValueError for a bad arch, device, target ratio, batch size, step or repeat count."""
     cfg = get_config(arch, input_size=input_size)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
     check_target(cfg, target_ratio)
     if repeats < 1:
         raise ValueError(f"repeats must be positive, got {repeats}")

@@ -111,7 +111,7 @@ def cmd_bench(args):
 
     common = dict(input_size=args.input_size, target_ratio=args.target_ratio, steps=args.steps,
                   repeats=args.repeats, device=args.device, seed=args.seed,
-                  keep_rate=args.keep_rate, verbose=not args.quiet)
+                  keep_rate=args.keep_rate, threads=args.threads, verbose=not args.quiet)
     if args.sweep_batch:
         rows = run_sweep(args.arch, parse_batch_list(args.sweep_batch), **common)
         name = args.name or sweep_name(args.arch, rows[0]["device"], args.target_ratio)
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--sweep-batch", help="comma-separated batch sizes: CSV in data/bench/")
     p.add_argument("--name", help="CSV name for --sweep-batch (default from arch/device/target)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import flops as flops_lib
 from .models import DiT, DiTBlock, DiTConfig, modulate
-from .routers import TokenRouter, WidthRouter, init_routers_all_on
+from .routers import SDT_INIT_BIAS, TDW_INIT_BIAS, TokenRouter, WidthRouter, init_routers_all_on
 
 EXECUTIONS = ("sliced", "masked")
 SLICE_CACHE_SIZE = 16  # routing patterns kept per block (consecutive steps mostly share one)
@@ -209,12 +209,16 @@ class DyDiT(DiT):
         self._execution = "sliced"
 
     @classmethod
-    def from_dit(cls, dit: DiT) -> "DyDiT":
-        """Wrap a trained DiT: same weights, every head, group and token on (exact parent)."""
+    def from_dit(cls, dit: DiT, tdw_bias: float = TDW_INIT_BIAS, sdt_bias: float = SDT_INIT_BIAS) -> "DyDiT":
+        """Wrap a trained DiT: same weights, every head, group and token on (exact parent).
+
+        ``tdw_bias``/``sdt_bias``: the routers' initial biases (official: 15 and 35)."""
         model = cls(dit.config, arch=dit.arch)
         missing, unexpected = model.load_state_dict(dit.state_dict(), strict=False)
         if unexpected or any(not _is_router_key(k) for k in missing):
             raise ValueError(f"not a DiT state dict: missing {missing}, unexpected {unexpected}")
+        init_routers_all_on([r for b in model.blocks for r in (b.attn_rate, b.mlp_rate)],
+                            [b.token_selection for b in model.blocks], tdw_bias, sdt_bias)
         return model.to(next(dit.parameters()).device)
 
     @property

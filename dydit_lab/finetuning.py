@@ -40,7 +40,9 @@ class FinetuneConfig:
     anneal_steps: int = 500  # target reaches target_ratio here
     batch_size: int = 64
     lr: float = 1e-4
-    router_lr: float = 1e-3  # routers start saturated (bias 15/35) and must move quickly
+    router_lr: float = 3e-3  # routers start saturated and must move within a short fine-tune
+    tdw_init_bias: float = 15.0  # official value
+    sdt_init_bias: float = 5.0  # official 35 suits 200k steps; SDT could not move in ours
     flops_weight: float = 2.0
     complete_model_loss: bool = True
     min_snr_gamma: float = 5.0
@@ -76,7 +78,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_NAME
     parent = load_model(cfg.parent)
-    model = (parent if isinstance(parent, DyDiT) else DyDiT.from_dit(parent)).to(device)
+    if not isinstance(parent, DyDiT):
+        parent = DyDiT.from_dit(parent, tdw_bias=cfg.tdw_init_bias, sdt_bias=cfg.sdt_init_bias)
+    model = parent.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     routers = set(map(id, model.router_parameters()))
     opt = torch.optim.AdamW([

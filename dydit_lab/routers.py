@@ -70,18 +70,23 @@ class TokenRouter(nn.Module):
         return gate(self.logits(x), self.training)
 
 
-def init_routers_all_on(width_routers: list[WidthRouter], token_routers: list[TokenRouter]) -> None:
+def init_routers_all_on(width_routers: list[WidthRouter], token_routers: list[TokenRouter],
+                        tdw_bias: float = TDW_INIT_BIAS, sdt_bias: float = SDT_INIT_BIAS) -> None:
     """Start with every gate open for every input: zero weights into the logit, large bias.
 
     (The official init uses xavier weights with the same biases; zero weights make "all on"
     hold for any timestep embedding and any residual-stream magnitude, so a converted DiT
-    reproduces its parent exactly.)
+    reproduces its parent exactly. Any positive bias does that in eval mode; in training
+    the Gumbel noise closes a gate with probability sigmoid(-bias), and a smaller bias lets a
+    short fine-tune move the router sooner.)
     """
+    if tdw_bias <= 0 or sdt_bias <= 0:
+        raise ValueError("router init biases must be positive (every gate starts on)")
     for r in width_routers:
         nn.init.zeros_(r.router.weight)
-        nn.init.constant_(r.router.bias, TDW_INIT_BIAS)
+        nn.init.constant_(r.router.bias, tdw_bias)
     for r in token_routers:
         nn.init.xavier_uniform_(r.mlp_head[0].weight)
         nn.init.zeros_(r.mlp_head[0].bias)
         nn.init.zeros_(r.mlp_head[2].weight)
-        nn.init.constant_(r.mlp_head[2].bias, SDT_INIT_BIAS)
+        nn.init.constant_(r.mlp_head[2].bias, sdt_bias)

@@ -44,7 +44,7 @@ def test_finetune_smoke_moves_flops_toward_target(parent, tmp_path):
     rows = (tmp_path / "ft" / "log.csv").read_text().splitlines()
     assert len(rows) == 31 and "flops_fraction" in rows[0]
     first, last = (float(r.split(",")[3]) for r in (rows[1], rows[-1]))
-    assert first == pytest.approx(1.0) and last < 0.95  # the constraint pulled the routers
+    assert first > 0.97 and last < 0.95  # starts (almost) all on; the constraint pulled the routers
     model = dydit_lab.load_model(path)
     assert isinstance(model, DyDiT)
     with pytest.raises(FileExistsError):
