@@ -55,17 +55,34 @@ def cmd_evaluate(args):
     from .training import resolve_device
 
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device=device)
     evaluator = SampleEvaluator(load_classifier(args.classifier), device=device)
-    metrics = evaluator.evaluate(model, num_samples=args.num_samples, steps=args.steps,
-                                 method=args.method, cfg_scale=args.cfg_scale, seed=args.seed)
-    metrics = {"checkpoint": args.checkpoint, "steps": args.steps, "method": args.method,
-               "cfg_scale": args.cfg_scale, "num_samples": args.num_samples, **metrics}
+    if args.checkpoint == "real-val":  # the floor: real validation digits vs the train split
+        from .data import mnist_split
+
+        metrics = {"checkpoint": "real-val", **evaluator.score(*mnist_split("val").tensors)}
+    else:
+        model = load_model(args.checkpoint, device=device)
+        metrics = evaluator.evaluate(model, num_samples=args.num_samples, steps=args.steps,
+                                     method=args.method, cfg_scale=args.cfg_scale, seed=args.seed)
+        metrics = {"checkpoint": args.checkpoint, "steps": args.steps, "method": args.method,
+                   "cfg_scale": args.cfg_scale, "num_samples": args.num_samples,
+                   "gflops_per_step": _gflops(model, args.steps, args.method, device), **metrics}
     print(json.dumps(metrics))
     if args.results:
         from .results import record_result
 
         record_result(args.results, {**metrics, "name": args.name or args.checkpoint})
+
+
+def _gflops(model, steps: int, method: str, device) -> float:
+    """Mean GFLOPs per image per sampling step: static count, or a DyDiT's measured routing."""
+    from .dydit import DyDiT
+    from .flops import analytic_flops, sampling_flops
+
+    if isinstance(model, DyDiT):
+        return sampling_flops(model, steps=steps, method=method, device=device,
+                              progress=False)["gflops_per_image_step"]
+    return analytic_flops(model.config)["total"] / 1e9
 
 
 def cmd_finetune(args):
@@ -148,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="class accuracy and FD-LeNet of generated digits")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a model checkpoint, or real-val to score the real validation digits (the floor)")
     p.add_argument("--classifier", default="data/lenet_mnist.pt")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--steps", type=int, default=50)
