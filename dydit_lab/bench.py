@@ -63,11 +63,11 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
     return device
 
 
@@ -231,7 +231,7 @@ def set_width_routers(model: DyDiT, w: torch.Tensor, b: float, knob: float,
 
 def _cut(score: torch.Tensor, keep_rate: float) -> float:
     """A threshold keeping ~keep_rate of ``score``, at the widest gap near the quantile."""
-    s = score.flatten().double().sort(descending=True).values
+    s = score.flatten().double().cpu().sort(descending=True).values
     M = len(s)
     k0 = round(keep_rate * M)
     spread = float(s[0] - s[-1]) + 1.0

@@ -110,6 +110,11 @@ def load_model(path_or_state_dict, arch: str | None = None, input_size: int | No
     """
     obj = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_checkpoint(path_or_state_dict)
     state, args = split_checkpoint(obj)
+    if any(k.startswith("flex_") for k in state):  # FlexiDiT: its loader builds the native part here
+        from .flexidit import load_flexidit
+
+        return load_flexidit(obj, arch=arch, device=device, input_size=input_size,
+                             in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma)
     arch = arch or _arch_from_args(args)
     if arch is None:
         raise CheckpointError("the checkpoint records no architecture: pass arch=, e.g. 'DiT-XL/2'")

@@ -144,6 +144,31 @@ def cmd_bench(args):
             f.write("\n")
 
 
+def cmd_flexi_finetune(args):
+    from .flexidit import FlexiFinetuneConfig, flexi_finetune
+
+    print(f"checkpoint: {flexi_finetune(_dataclass_from(args, FlexiFinetuneConfig))}")
+
+
+def cmd_flexi_flops(args):
+    from .flexidit import schedule_flops
+    from .models import get_config
+
+    cfg = get_config(args.arch, **({"input_size": args.input_size} if args.input_size else {}))
+    ks = [int(k) for k in args.coarse_steps.split(",") if k.strip()]
+    rows = [schedule_flops(cfg, args.coarse_patch or None, k, args.steps) for k in ks]
+    if args.json:
+        print(json.dumps({"arch": args.arch, "input_size": cfg.input_size, "schedules": rows}))
+        return
+    first = schedule_flops(cfg, args.coarse_patch or None, 0, args.steps)
+    print(f"{args.arch}: patch {first['native_patch']} {first['native_gflops']:.6f} GFLOPs, "
+          f"patch {first['coarse_patch']} {first['coarse_gflops']:.6f} GFLOPs per image per step")
+    print(f"{'coarse steps':>12} {'GFLOPs/step':>12} {'GFLOPs/image':>13} {'fraction':>9}")
+    for r in rows:
+        print(f"{r['coarse_steps']:>5} / {r['total_steps']:<4} {r['gflops_per_image_step']:>12.6f} "
+              f"{r['total_gflops']:>13.6f} {r['flops_fraction']:>9.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dydit_lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
+    from .flexidit import FlexiFinetuneConfig
+
+    p = sub.add_parser("flexi-finetune", help="fine-tune a DiT into a FlexiDiT (extra coarse patch)")
+    _add_dataclass_flags(p, FlexiFinetuneConfig)
+    p.set_defaults(func=cmd_flexi_finetune)
+    p = sub.add_parser("flexi-flops", help="FLOPs of FlexiDiT sampling schedules (first k steps coarse)")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--coarse-patch", type=int, default=0, help="(default: 2 x native)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps S")
+    p.add_argument("--coarse-steps", default="0,10,20,30", help="comma-separated k (first k of S coarse)")
+    p.add_argument("--input-size", type=int, default=None, help="(default: the preset's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flexi_flops)
     return parser
 
 

@@ -15,6 +15,15 @@ ARCH = "DiT-lab-T"  # depth 2, 4 heads, 16 tokens: the router search has coarse 
 STEPS, BATCH = 4, 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models: one thread avoids waiting on a busy second core at every op.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models():
     return bench.build_models(ARCH, input_size=32, device="cpu", seed=0)
