@@ -283,16 +283,20 @@ def _run_all_cells(page, timeout_s: float) -> list[str]:
     while True:
         dialog = page.locator(".jp-Dialog")
         if dialog.count():
+            text = dialog.first.inner_text()
+            if "Select Kernel" not in text:
+                raise AssertionError(f"unexpected dialog during Run All: {text!r}")
             # Should not happen once the kernel is connected; if JupyterLab still asks which kernel
             # to use, take its preselected choice (the notebook's "python3") and say so.
-            print(f"[browser] dialog during Run All: {dialog.first.inner_text()!r}; accepting it")
+            print(f"[browser] JupyterLab asked for a kernel during Run All: {text!r}; accepting its choice")
             dialog.first.locator(".jp-Dialog-button.jp-mod-accept").click()
         prompts = page.evaluate(_PROMPTS_JS)
         running = any("*" in p for p in prompts)
         seen_running |= running
         all_done = bool(prompts) and all(re.fullmatch(r"\[\d+\]:?", p) for p in prompts)
         # A failing cell stops "Run All": the cells after it are left unnumbered, not running.
-        if all_done or (seen_running and not running):
+        started = seen_running or any(re.fullmatch(r"\[\d+\]:?", p) for p in prompts)
+        if all_done or (started and not running):
             return prompts
         if time.monotonic() > deadline:
             raise AssertionError(f"cells still running after {timeout_s} s: prompts {prompts}")
@@ -307,15 +311,16 @@ def _notebook_problems(page) -> list[str]:
         out = outputs.nth(i)
         mime = out.get_attribute("data-mime-type") or ""
         text = out.inner_text()
-        if mime == "application/vnd.jupyter.stderr" and re.search(r"Traceback|\w+Error\b", text):
+        if mime == "application/vnd.jupyter.stderr" and re.search(r"Traceback|^\w*(Error|Exception)\b", text, re.M):
             problems.append(f"error output: {text[:1500]}")
-        if mime == "text/plain" and re.search(
+        if mime != "application/vnd.jupyter.widget-view+json" and re.search(
                 r"^\s*(VBox|HBox|IntSlider|Dropdown|Output|Label)\(|<dydit_lab\.widgets\.\w+ object", text):
             problems.append(f"widget shown as text (not rendered): {text[:300]}")
-    notebook_text = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook").inner_text()
+    output_text = "\n".join(page.locator(
+        ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea").all_inner_texts())
     for marker in ("Error displaying widget", "Error rendering output", "Traceback (most recent call last)"):
-        if marker in notebook_text:
-            problems.append(f"notebook shows {marker!r}")
+        if marker in output_text:
+            problems.append(f"an output shows {marker!r}")
     return problems
 
 
