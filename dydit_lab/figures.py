@@ -15,11 +15,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from .analysis import loss_gap, patch_loss_maps, per_timestep_loss, stroke_concentration, summarize_gap
+from .analysis import (loss_gap, patch_loss_maps, per_timestep_loss, stroke_concentration,
+                       summarize_gap, trace_sampling)
 from .checkpoints import load_model
 from .data import mnist_split
 from .evaluation import DATA_DIR, generate
-from .plotting import plot_loss_curves, plot_loss_maps, plot_sample_grid, save_figure
+from .plotting import (plot_flops_per_step, plot_loss_curves, plot_loss_maps, plot_quality_vs_flops,
+                       plot_sample_grid, plot_speedup_vs_batch, plot_speedup_vs_ratio,
+                       plot_token_keep, plot_token_map, plot_width_curves, plot_width_heatmap,
+                       save_figure)
 
 CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 FIGURES_DIR = DATA_DIR.parent / "figures"
@@ -103,6 +107,90 @@ def loss_maps_figure(num_images: int = 4, timesteps=LOSS_MAP_TIMESTEPS, summary_
 
 
 # ---------------------------------------------------------------------------
+# Notebook 03: router schedules of the fine-tuned DyDiTs
+# ---------------------------------------------------------------------------
+
+DYDIT_CHECKPOINTS = {"lambda = 0.7": "DyDiT-lab-L-0.7", "lambda = 0.5": "DyDiT-lab-L-0.5"}
+for _lam in ("0.7", "0.5"):
+    REGENERATE[f"DyDiT-lab-L-{_lam}"] = (
+        f"python -m dydit_lab finetune --parent data/checkpoints/DiT-lab-L.pt --target-ratio {_lam} "
+        f"--out runs/dydit-L-{_lam}, then python -m dydit_lab export (see README)")
+
+
+def router_traces(steps: int = 50, labels=range(10), seed: int = 0, device="cpu") -> dict:
+    """A recorded DDIM sampling run of each fine-tuned DyDiT (one digit of each class)."""
+    return {name: trace_sampling(lab_model(ckpt, device), list(labels), steps=steps, seed=seed,
+                                 device=device, progress=False, name=name)
+            for name, ckpt in DYDIT_CHECKPOINTS.items()}
+
+
+def router_schedules_figure(traces: dict | None = None, device="cpu"):
+    """Per-block head and MLP-group widths vs t for every DyDiT, token keep-rates and the
+    FLOPs fraction per step; the table has each model's mean routing over the run."""
+    traces = traces or router_traces(device=device)
+    fig = plt.figure(figsize=(13, 4 * len(traces) + 4), layout="constrained")
+    grid = fig.subplots(len(traces) + 1, 3)
+    for row, trace in zip(grid, traces.values()):
+        plot_width_heatmap(trace, "heads", ax=row[0])
+        plot_width_heatmap(trace, "groups", ax=row[1])
+        plot_token_keep(trace, ax=row[2])
+    plot_flops_per_step(list(traces.values()), ax=grid[-1][0])
+    plot_width_curves(list(traces.values()), ax=grid[-1][1])
+    plot_token_map(next(iter(traces.values())), step=len(next(iter(traces.values())).timesteps) // 2,
+                   sample=0, layer=0, ax=grid[-1][2])
+    table = pd.DataFrame([{
+        "model": name, "flops_fraction": t.mean_flops_fraction,
+        "heads_active": float(t.heads.float().mean()), "groups_active": float(t.groups.float().mean()),
+        "tokens_kept": float(t.tokens.float().mean())} for name, t in traces.items()])
+    return fig, table
+
+
+# ---------------------------------------------------------------------------
+# Notebook 04: speed-up and quality vs FLOPs
+# ---------------------------------------------------------------------------
+
+BENCH_DIR = DATA_DIR / "bench"
+# DyDiT-XL on a V100 (paper): FLOPs fraction 84.33/118.69 and 57.88/118.69 -> measured speed-up.
+PAPER_V100 = pd.DataFrame({"flops_ratio": [84.33 / 118.69, 57.88 / 118.69], "speedup": [1.32, 1.73],
+                           "label": ["paper, lambda=0.7", "paper, lambda=0.5"]})
+
+
+def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
+    """Every benchmark result in ``data/bench`` (JSON runs and CSV sweeps), one row each."""
+    rows = []
+    for path in sorted(Path(bench_dir).glob("*.json")):
+        data = json.loads(path.read_text())
+        rows.extend(data if isinstance(data, list) else [data])
+    for path in sorted(Path(bench_dir).glob("*.csv")):
+        rows.extend(pd.read_csv(path).to_dict("records"))
+    if not rows:
+        raise FileNotFoundError(f"no benchmark results in {bench_dir}: run python -m dydit_lab bench")
+    keep = ["arch", "device", "batch_size", "target_ratio", "flops_ratio", "static_seconds",
+            "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup", "threads"]
+    df = pd.DataFrame(rows)
+    return df[[c for c in keep if c in df.columns]]
+
+
+def speedup_figure(bench_dir: str | Path = BENCH_DIR):
+    """Measured speed-up of sliced and masked DyDiT over the static DiT, against the ideal
+    1 / FLOPs fraction and the paper's V100 figures; and vs batch size where swept."""
+    bench = load_bench(bench_dir)
+    fig, (ax_ratio, ax_batch) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
+    plot_speedup_vs_ratio(bench, PAPER_V100, ax=ax_ratio)
+    plot_speedup_vs_batch(bench, ax=ax_batch)
+    return fig, bench
+
+
+def quality_vs_flops_figure(results: str | Path = DATA_DIR / "results.csv"):
+    """FD-LeNet and class accuracy of every evaluated model vs its GFLOPs per sampling step."""
+    table = pd.read_csv(results)
+    table = table[table["name"] != "real-val"].dropna(subset=["gflops_per_step", "fd_lenet"])
+    if table.empty:
+        raise FileNotFoundError(f"{results} has no evaluated models with GFLOPs")
+    return plot_quality_vs_flops(table), table
+
+
+# ---------------------------------------------------------------------------
 # make figures
 # ---------------------------------------------------------------------------
 
@@ -111,6 +199,9 @@ BUILDERS: dict[str, Callable] = {
     "samples_DiT-lab-L": lambda device: sample_grid_figure("DiT-lab-L", device=device),
     "loss_gap": lambda device: loss_gap_figure(device=device),
     "loss_maps": lambda device: loss_maps_figure(device=device),
+    "router_schedules": lambda device: router_schedules_figure(device=device),
+    "speedup": lambda device: speedup_figure(),
+    "quality_vs_flops": lambda device: quality_vs_flops_figure(),
 }
 
 

@@ -21,7 +21,8 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from .analysis import PatchLossMaps, RoutingTrace, loss_gap, normalize_maps
 
-__all__ = ["plot_flops_per_step", "plot_loss_curves", "plot_loss_maps", "plot_router_dashboard",
+__all__ = ["plot_quality_vs_flops", "plot_speedup_vs_batch", "plot_speedup_vs_ratio",
+           "plot_width_curves", "plot_flops_per_step", "plot_loss_curves", "plot_loss_maps", "plot_router_dashboard",
            "plot_sample_grid", "plot_token_keep", "plot_token_map", "plot_width_heatmap", "save_figure"]
 
 PALETTE = sns.color_palette("colorblind")
@@ -334,4 +335,90 @@ def plot_router_dashboard(trace: RoutingTrace, step: int = 0, layer: int = 0, sa
     plot_flops_per_step(trace, ax=axes[1, 1], step=step)
     fig.suptitle(f"{trace.name} | step {step + 1}/{len(trace.timesteps)} (t = {trace.timesteps[step]})"
                  f" | block {layer} | sample {sample}", fontsize=TITLE_SIZE + 1)
+    return fig
+
+
+def plot_width_curves(traces: Sequence[RoutingTrace], ax: Axes | None = None) -> Figure:
+    """Mean active share of heads (solid) and MLP groups (dashed) over all blocks vs t."""
+    fig, ax = _axes(ax)
+    for i, trace in enumerate(traces):
+        color = PALETTE[i % len(PALETTE)]
+        ax.plot(trace.timesteps, trace.heads.float().mean(dim=(1, 2, 3)).numpy(), color=color,
+                lw=2, label=f"{trace.name}: heads")
+        ax.plot(trace.timesteps, trace.groups.float().mean(dim=(1, 2, 3)).numpy(), color=color,
+                lw=2, ls="--", label=f"{trace.name}: MLP groups")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
+    ax.set_ylabel("active share (all blocks)", fontsize=LABEL_SIZE)
+    ax.set_title("TDW width vs timestep", fontsize=TITLE_SIZE)
+    ax.legend(fontsize=8)
+    _style(ax)
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# Speed-up and quality vs compute
+# ---------------------------------------------------------------------------
+
+
+def plot_speedup_vs_ratio(bench: pd.DataFrame, paper: pd.DataFrame | None = None,
+                          ax: Axes | None = None) -> Figure:
+    """Measured speed-up vs FLOPs fraction (sliced and masked), the ideal 1/x, paper points."""
+    fig, ax = _axes(ax)
+    x = np.linspace(0.3, 1.0, 100)
+    ax.plot(x, 1 / x, color="black", ls=":", lw=1.2, label="ideal: 1 / FLOPs fraction")
+    ax.plot(x, 0.95 / x, color="grey", ls=":", lw=1, label="target: 0.95 x ideal")
+    markers = {"cpu": "o", "cuda": "s"}
+    for j, (device, rows) in enumerate(bench.groupby(bench["device"].astype(str).str.split(":").str[0])):
+        m = markers.get(device, "^")
+        ax.scatter(rows["flops_ratio"], rows["speedup"], marker=m, s=50, color=PALETTE[0],
+                   label=f"sliced DyDiT ({device})", zorder=3)
+        ax.scatter(rows["flops_ratio"], rows["masked_speedup"], marker=m, s=50, color=PALETTE[3],
+                   label=f"masked, official-style ({device})", zorder=3)
+    if paper is not None:
+        ax.scatter(paper["flops_ratio"], paper["speedup"], marker="*", s=160, color=PALETTE[2],
+                   label="DyDiT-XL paper (V100)", zorder=4)
+    ax.axhline(1.0, color="black", lw=0.6)
+    ax.set_xlabel("FLOPs fraction of the static DiT", fontsize=LABEL_SIZE)
+    ax.set_ylabel("speed-up over the static DiT (x)", fontsize=LABEL_SIZE)
+    ax.set_title("Wall-clock speed-up vs FLOPs", fontsize=TITLE_SIZE)
+    ax.legend(fontsize=8)
+    _style(ax)
+    return fig
+
+
+def plot_speedup_vs_batch(bench: pd.DataFrame, ax: Axes | None = None) -> Figure:
+    """Speed-up vs batch size per device and target (log-2 batch axis)."""
+    fig, ax = _axes(ax)
+    groups = bench.groupby([bench["device"].astype(str), bench["target_ratio"].round(2)])
+    for i, ((device, target), rows) in enumerate(groups):
+        rows = rows.groupby("batch_size", as_index=False)[["speedup", "masked_speedup"]].median()
+        color = PALETTE[i % len(PALETTE)]
+        ax.plot(rows["batch_size"], rows["speedup"], "o-", color=color, label=f"sliced, {device}, ratio {target}")
+        ax.plot(rows["batch_size"], rows["masked_speedup"], "x--", color=color, alpha=0.7,
+                label=f"masked, {device}, ratio {target}")
+        ax.axhline(1 / target, color=color, ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.axhline(1.0, color="black", lw=0.6)
+    ax.set_xlabel("batch size (images)", fontsize=LABEL_SIZE)
+    ax.set_ylabel("speed-up over the static DiT (x)", fontsize=LABEL_SIZE)
+    ax.set_title("Speed-up vs batch size (dotted: ideal)", fontsize=TITLE_SIZE)
+    ax.legend(fontsize=7)
+    _style(ax)
+    return fig
+
+
+def plot_quality_vs_flops(table: pd.DataFrame) -> Figure:
+    """FD-LeNet (lower is better) and class accuracy vs GFLOPs per sampling step."""
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    for ax, column, label in ((ax_fd, "fd_lenet", "FD-LeNet (lower is better)"),
+                              (ax_acc, "accuracy", "class accuracy")):
+        ax.scatter(table["gflops_per_step"], table[column], s=60, color=PALETTE[0], zorder=3)
+        for _, row in table.iterrows():
+            ax.annotate(str(row["name"]), (row["gflops_per_step"], row[column]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("GFLOPs per image per sampling step", fontsize=LABEL_SIZE)
+        ax.set_ylabel(label, fontsize=LABEL_SIZE)
+        _style(ax)
+    fig.suptitle("Quality vs compute", fontsize=TITLE_SIZE)
     return fig

@@ -1,0 +1,61 @@
+"""The figure builders behind the notebooks and `make figures`."""
+
+import json
+
+import pytest
+import torch
+
+import dydit_lab
+from dydit_lab import figures
+from dydit_lab.analysis import trace_sampling
+from dydit_lab.dydit import DyDiT
+from dydit_lab.training import TrainConfig, save_training_checkpoint
+
+
+def _bench_row(ratio, speedup, batch=2, device="cpu"):
+    return {"arch": "DiT-XL/2", "device": device, "batch_size": batch, "target_ratio": ratio,
+            "flops_ratio": ratio + 0.004, "static_seconds": 1.0, "dynamic_seconds": 1 / speedup,
+            "masked_seconds": 1.1, "speedup": speedup, "masked_speedup": 0.9}
+
+
+def test_speedup_figure_reads_json_and_csv(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(_bench_row(0.5, 1.9)))
+    import pandas as pd
+    pd.DataFrame([_bench_row(0.7, 1.3, b) for b in (1, 2, 4)]).to_csv(tmp_path / "sweep.csv", index=False)
+    fig, table = figures.speedup_figure(tmp_path)
+    assert len(table) == 4 and len(fig.axes) == 2
+    assert fig.axes[0].get_xlabel().startswith("FLOPs fraction")
+    with pytest.raises(FileNotFoundError, match="bench"):
+        figures.load_bench(tmp_path / "empty")
+
+
+def test_quality_vs_flops_figure(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("name,accuracy,fd_lenet,gflops_per_step\nreal-val,0.98,4.1,\n"
+                    "DiT-lab-S,0.6,40,0.015\nDiT-lab-L,0.9,20,0.11\n")
+    fig, table = figures.quality_vs_flops_figure(path)
+    assert list(table["name"]) == ["DiT-lab-S", "DiT-lab-L"] and len(fig.axes) == 2
+
+
+def test_router_schedules_figure_from_traces():
+    torch.manual_seed(0)
+    model = DyDiT(dydit_lab.models.get_config("DiT-lab-T"))
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    traces = {"a": trace_sampling(model.eval(), [1, 2], steps=4, progress=False, name="a")}
+    fig, table = figures.router_schedules_figure(traces)
+    assert len(fig.axes) >= 6 and list(table["model"]) == ["a"]
+    assert 0 < table["flops_fraction"].iloc[0] <= 1.0001
+
+
+def test_build_figures_skips_missing_checkpoints_and_writes_the_rest(tmp_path, monkeypatch):
+    ckpts = tmp_path / "ckpts"
+    model = dydit_lab.create_model("DiT-lab-T")
+    save_training_checkpoint(ckpts / "DiT-lab-S.pt", model, model,
+                             torch.optim.AdamW(model.parameters()), TrainConfig(arch="DiT-lab-T"), 1)
+    monkeypatch.setattr(figures, "CHECKPOINT_DIR", ckpts)
+    done = figures.build_figures(tmp_path / "out", only=["samples_DiT-lab-S", "samples_DiT-lab-L"])
+    assert (tmp_path / "out" / "samples_DiT-lab-S.png").stat().st_size > 1000
+    assert done["samples_DiT-lab-L"].startswith("skipped: missing") and "train" in done["samples_DiT-lab-L"]
+    with pytest.raises(ValueError, match="unknown figure"):
+        figures.build_figures(tmp_path / "out", only=["nope"])
