@@ -175,15 +175,16 @@ class DyDiTBlock(DiTBlock):
 
         # Same threshold as the masked path (sigmoid > 0.5), evaluated once per token.
         keep = torch.sigmoid(self.token_selection.logits(x)) > 0.5
-        flat = x.reshape(B * N, C)
         idx = keep.reshape(-1).nonzero().squeeze(1)
         if idx.numel():
-            b = idx // N
-            h = modulate(self.norm2(flat.index_select(0, idx)).unsqueeze(1),
-                         shift_mlp[b], scale_mlp[b]).squeeze(1)
+            # Modulating every token is cheap elementwise work; gathering per-token shift/scale
+            # and scatter-adding cost more on CPU (many small memory-bound ops). The MLP, the
+            # expensive part, runs on the kept tokens only.
+            h = modulate(self.norm2(x), shift_mlp, scale_mlp).reshape(B * N, C).index_select(0, idx)
             out = F.linear(self.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, self.mlp.fc2.bias)
-            flat = flat.index_add(0, idx, gate_mlp[b] * out)
-        return flat.view(B, N, C), keep
+            update = torch.zeros(B * N, C, dtype=x.dtype, device=x.device).index_copy_(0, idx, out)
+            x = torch.addcmul(x, update.view(B, N, C), gate_mlp.unsqueeze(1))
+        return x, keep
 
 
 # ---------------------------------------------------------------------------
