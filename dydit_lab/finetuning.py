@@ -12,7 +12,6 @@ with the target held at 1 for ``hold_steps``, then annealed linearly to ``target
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from .checkpoints import load_model, read_checkpoint
 from .data import load_dataset
 from .diffusion import GaussianDiffusion, min_snr_weights
 from .dydit import DyDiT
-from .training import atomic_save, resolve_device, update_ema
+from .training import append_log, atomic_save, optimizer_step, resolve_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -122,16 +121,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
             out_full = model(x_t, t, y, complete_model=True)
             complete = diffusion.losses_from_output(out_full, x0, x_t, t, noise, weights)["loss"].mean()
             loss = loss + complete
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        update_ema(ema, model, cfg.ema_decay)
+        optimizer_step(loss, model.parameters(), opt, cfg.grad_clip, ema, model, cfg.ema_decay)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{dyn.item():.4f}", flops=f"{fraction.item():.3f}", target=f"{target:.3f}")
-        _append_log(out / "log.csv", {
+        append_log(out / "log.csv", {
             "step": step, "loss": dyn.item(), "complete_loss": complete.item(),
             "flops_fraction": fraction.item(), "target": target,
             "heads": routing.heads.mean().item(), "groups": routing.groups.mean().item(),
@@ -148,12 +142,3 @@ def save(path, model, ema, opt, cfg: FinetuneConfig, step: int) -> None:
                                       "kind": "dydit"}
     atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "args": args, "step": step}, path)
-
-
-def _append_log(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -528,8 +528,7 @@ def flexi_finetune(cfg: FlexiFinetuneConfig) -> Path:
     (``{"model", "ema", "opt", "args", "step"}``), one ``log.csv`` row per step.
     """
     from .data import load_dataset
-    from .finetuning import _append_log
-    from .training import resolve_device, update_ema
+    from .training import append_log, optimizer_step, resolve_device
 
     _validate(cfg)
     device = resolve_device(cfg.device)
@@ -598,17 +597,13 @@ def flexi_finetune(cfg: FlexiFinetuneConfig) -> Path:
                 target = teacher(x_t, t, y)[:, : model.in_channels]
             distill = ((output[:, : model.in_channels] - target) ** 2).mean()
             loss = loss + cfg.distill_weight * distill
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-        opt.step()
-        update_ema(ema, model, cfg.ema_decay)
+        optimizer_step(loss, [p for g in groups for p in g["params"]], opt, cfg.grad_clip, ema, model,
+                       cfg.ema_decay)
         step += 1
         bar.update(1)
         bar.set_postfix(patch=patch, loss=f"{diff.item():.4f}")
-        _append_log(out / "log.csv", {"step": step, "patch": patch, "loss": diff.item(),
-                                      "distill": distill.item(), "time": f"{time.time():.0f}"})
+        append_log(out / "log.csv", {"step": step, "patch": patch, "loss": diff.item(),
+                                     "distill": distill.item(), "time": f"{time.time():.0f}"})
         if time.time() - last_save > 60 * cfg.ckpt_minutes or step == cfg.steps:
             save_flexi_checkpoint(ckpt_path, model, ema, opt, cfg, step)
             last_save = time.time()

@@ -24,6 +24,7 @@ from .diffusion import GaussianDiffusion, min_snr_weights
 from .models import DiT, create_model
 
 CHECKPOINT_NAME = "checkpoint.pt"
+LOG_FIELDS = ["step", "loss", "lr", "time", "accuracy", "fd_lenet"]
 
 
 @dataclass
@@ -96,6 +97,28 @@ def atomic_save(obj, path: str | Path) -> None:
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
         e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def optimizer_step(loss: torch.Tensor, params, opt, grad_clip: float, ema=None, model=None,
+                   ema_decay: float = 0.0) -> None:
+    """Backward, optional gradient clipping, optimizer step, then the EMA update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    if ema is not None:
+        update_ema(ema, model, ema_decay)
+
+
+def append_log(path: Path, row: dict, fields: list[str] | None = None) -> None:
+    """Append one row to a CSV log (header on first write); floats with 5 decimals."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields or list(row), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -171,12 +194,7 @@ def train(cfg: TrainConfig, model: DiT | None = None) -> Path:
             group["lr"] = lr_at(step, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss = diffusion.training_losses(forward, x0, t, y, noise, weights)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        update_ema(ema, model, cfg.ema_decay)
+        optimizer_step(loss, model.parameters(), opt, cfg.grad_clip, ema, model, cfg.ema_decay)
         step += 1
 
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
@@ -191,7 +209,7 @@ def train(cfg: TrainConfig, model: DiT | None = None) -> Path:
                 row.update({k: f"{v:.4f}" for k, v in metrics.items()})
                 tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                 model.train()
-            _append_log(log_path, row)
+            append_log(log_path, row, LOG_FIELDS)
         due = (step % cfg.ckpt_every == 0 or time.time() - last_save > 60 * cfg.ckpt_minutes
                or step == cfg.steps)
         if due and is_main(rank):
@@ -209,13 +227,3 @@ def save_training_checkpoint(path, model, ema, opt, cfg: TrainConfig, step: int)
     args = dataclasses.asdict(cfg) | {"model_config": dataclasses.asdict(model.config)}
     atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "args": args, "step": step}, path)
-
-
-def _append_log(path: Path, row: dict) -> None:
-    fields = ["step", "loss", "lr", "time", "accuracy", "fd_lenet"]
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
