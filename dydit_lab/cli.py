@@ -64,7 +64,12 @@ def cmd_evaluate(args):
         model = load_model(args.checkpoint, device=device)
         metrics = evaluator.evaluate(model, num_samples=args.num_samples, steps=args.steps,
                                      method=args.method, cfg_scale=args.cfg_scale, seed=args.seed)
-        metrics = {"checkpoint": args.checkpoint, "steps": args.steps, "method": args.method,
+        from .checkpoints import read_checkpoint
+
+        saved = read_checkpoint(args.checkpoint)
+        recorded = saved.get("args") if isinstance(saved.get("args"), dict) else {}
+        metrics = {"checkpoint": args.checkpoint, "train_steps": saved.get("step", recorded.get("step")),
+                   "steps": args.steps, "method": args.method,
                    "cfg_scale": args.cfg_scale, "num_samples": args.num_samples,
                    "gflops_per_step": _gflops(model, args.steps, args.method, device), **metrics}
     print(json.dumps(metrics))
