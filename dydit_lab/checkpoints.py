@@ -141,9 +141,19 @@ def load_model(path_or_state_dict, arch: str | None = None, input_size: int | No
     return model.to(device).eval()
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, fp16: bool = True) -> Path:
-    """Shrink a training checkpoint to its EMA weights (fp16 by default) for committing."""
+def export_checkpoint(src: str | Path, dst: str | Path, fp16: bool = True, weights: str = "ema") -> Path:
+    """Shrink a training checkpoint to one set of weights (fp16 by default) for committing.
+
+    ``weights``: "ema" (default, what one samples from) or "model" (the online weights:
+    better than an EMA that has not caught up yet early in a run).
+    """
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     obj = read_checkpoint(src)
+    if weights == "model":
+        if "model" not in obj:
+            raise CheckpointError(f"{src} holds no online 'model' weights")
+        obj = {"model": obj["model"], "args": obj.get("args", {}), "step": obj.get("step")}
     state, args = split_checkpoint(obj)
     if fp16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
@@ -151,6 +161,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, fp16: bool = True) -> Pa
 
     keep = {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, dict, type(None)))}
     keep["step"] = obj.get("step", args.get("step"))
+    keep["weights"] = weights
     atomic_save({"ema": state, "args": keep}, dst)
     return Path(dst)
 

@@ -46,7 +46,7 @@ def cmd_train_classifier(args):
 def cmd_export(args):
     from .checkpoints import export_checkpoint
 
-    print(f"wrote {export_checkpoint(args.checkpoint, args.out, fp16=not args.fp32)}")
+    print(f"wrote {export_checkpoint(args.checkpoint, args.out, fp16=not args.fp32, weights=args.weights)}")
 
 
 def cmd_evaluate(args):
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--fp32", action="store_true", help="keep fp32 weights")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="EMA (default) or the online weights (better early in a run)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="class accuracy and FD-LeNet of generated digits")

@@ -106,3 +106,18 @@ def test_fp16_export(tmp_path):
     loaded = dydit_lab.load_model(tmp_path / "small.pt")
     x, t, y = _inputs(model)
     assert torch.allclose(loaded(x, t, y), model(x, t, y), atol=2e-3)
+
+
+def test_export_online_weights(tmp_path):
+    from dydit_lab.training import TrainConfig, save_training_checkpoint
+
+    model, ema = _randomised("DiT-lab-T"), _randomised("DiT-lab-T")
+    save_training_checkpoint(tmp_path / "ckpt.pt", model, ema, torch.optim.AdamW(model.parameters()),
+                             TrainConfig(arch="DiT-lab-T"), 3)
+    export_checkpoint(tmp_path / "ckpt.pt", tmp_path / "online.pt", fp16=False, weights="model")
+    loaded = dydit_lab.load_model(tmp_path / "online.pt")
+    x, t, y = _inputs(model)
+    assert torch.equal(loaded(x, t, y), model(x, t, y))
+    assert read_checkpoint(tmp_path / "online.pt")["args"]["weights"] == "model"
+    with pytest.raises(ValueError, match="weights"):
+        export_checkpoint(tmp_path / "ckpt.pt", tmp_path / "x.pt", weights="best")
