@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import load_model, read_checkpoint
+from .checkpoints import load_model
 from .data import load_dataset
 from .diffusion import GaussianDiffusion, min_snr_weights
 from .dydit import DyDiT
-from .training import append_log, atomic_save, optimizer_step, resolve_device
+from .training import append_log, atomic_save, optimizer_step, resolve_device, restore_or_refuse
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -86,15 +86,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in routers], "lr": cfg.lr},
         {"params": model.router_parameters(), "lr": cfg.router_lr},
     ], weight_decay=0.0)
-    step = 0
-    if cfg.resume:
-        state = read_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-    elif ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or pick another --out")
+    step = restore_or_refuse(ckpt_path, cfg.resume, model, ema, opt, device)
 
     images, labels = (x.to(device) for x in load_dataset("mnist", "train").tensors)
     diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)

@@ -528,7 +528,7 @@ def flexi_finetune(cfg: FlexiFinetuneConfig) -> Path:
     (``{"model", "ema", "opt", "args", "step"}``), one ``log.csv`` row per step.
     """
     from .data import load_dataset
-    from .training import append_log, optimizer_step, resolve_device
+    from .training import append_log, optimizer_step, resolve_device, restore_or_refuse
 
     _validate(cfg)
     device = resolve_device(cfg.device)
@@ -559,15 +559,7 @@ def flexi_finetune(cfg: FlexiFinetuneConfig) -> Path:
         groups = [{"params": shared, "lr": cfg.lr}, {"params": new, "lr": cfg.new_lr}]
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    step = 0
-    if cfg.resume:
-        from .checkpoints import read_checkpoint
-
-        state = read_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
+    step = restore_or_refuse(ckpt_path, cfg.resume, model, ema, opt, device)
 
     dataset = load_dataset(cfg.data, "train") if cfg.data == "mnist" else load_dataset(
         cfg.data, image_size=model.config.input_size, channels=model.in_channels)

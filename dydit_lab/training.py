@@ -121,6 +121,22 @@ def append_log(path: Path, row: dict, fields: list[str] | None = None) -> None:
         writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def restore_or_refuse(ckpt_path: Path, resume: bool, model, ema, opt, device="cpu") -> int:
+    """With ``resume``, load model, EMA and optimizer from ``ckpt_path`` and return its step;
+    without, refuse to overwrite an existing run. Returns 0 for a fresh run."""
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        return state["step"]
+    if ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or pick another --out")
+    return 0
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
@@ -148,17 +164,7 @@ def train(cfg: TrainConfig, model: DiT | None = None) -> Path:
     model = (model or create_model(cfg.arch)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-    elif ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or pick another --out")
+    step = restore_or_refuse(ckpt_path, cfg.resume, model, ema, opt, device)
 
     dataset = load_dataset(cfg.data, "train") if cfg.data == "mnist" else load_dataset(
         cfg.data, image_size=model.config.input_size, channels=model.in_channels)
