@@ -50,8 +50,7 @@ def cmd_export(args):
 
 
 def cmd_evaluate(args):
-    from .checkpoints import load_model
-    from .evaluation import SampleEvaluator, load_classifier
+    from .evaluation import SampleEvaluator, evaluate_checkpoint, load_classifier
     from .training import resolve_device
 
     device = resolve_device(args.device)
@@ -61,17 +60,10 @@ def cmd_evaluate(args):
 
         metrics = {"checkpoint": "real-val", **evaluator.score(*mnist_split("val").tensors)}
     else:
-        model = load_model(args.checkpoint, device=device)
-        metrics = evaluator.evaluate(model, num_samples=args.num_samples, steps=args.steps,
-                                     method=args.method, cfg_scale=args.cfg_scale, seed=args.seed)
-        from .checkpoints import read_checkpoint
-
-        saved = read_checkpoint(args.checkpoint)
-        recorded = saved.get("args") if isinstance(saved.get("args"), dict) else {}
-        metrics = {"checkpoint": args.checkpoint, "train_steps": saved.get("step", recorded.get("step")),
-                   "steps": args.steps, "method": args.method,
-                   "cfg_scale": args.cfg_scale, "num_samples": args.num_samples,
-                   "gflops_per_step": _gflops(model, args.steps, args.method, device), **metrics}
+        metrics = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, steps=args.steps,
+                                      method=args.method, cfg_scale=args.cfg_scale, seed=args.seed,
+                                      coarse_steps=args.coarse_steps, evaluator=evaluator,
+                                      device=device)
     print(json.dumps(metrics))
     if args.results:
         from .results import record_result
@@ -79,15 +71,15 @@ def cmd_evaluate(args):
         record_result(args.results, {**metrics, "name": args.name or args.checkpoint})
 
 
-def _gflops(model, steps: int, method: str, device) -> float:
-    """Mean GFLOPs per image per sampling step: static count, or a DyDiT's measured routing."""
-    from .dydit import DyDiT
-    from .flops import analytic_flops, sampling_flops
+def cmd_compare(args):
+    from .strategies import compare_strategies
+    from .training import resolve_device
 
-    if isinstance(model, DyDiT):
-        return sampling_flops(model, steps=steps, method=method, device=device,
-                              progress=False)["gflops_per_image_step"]
-    return analytic_flops(model.config)["total"] / 1e9
+    table = compare_strategies(args.only, num_samples=args.num_samples, seed=args.seed,
+                               checkpoint_dir=args.checkpoint_dir, results=args.results,
+                               device=resolve_device(args.device))
+    columns = ["name", "gflops_per_image", "seconds_per_image", "fd_lenet", "accuracy"]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
 def cmd_finetune(args):
@@ -205,10 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coarse-steps", type=int,
+                   help="FlexiDiT only: run the first k of --steps steps at the coarse patch")
     p.add_argument("--device", default="auto")
     p.add_argument("--results", help="append the metrics to this CSV (e.g. data/results.csv)")
     p.add_argument("--name", help="row name in --results (default: the checkpoint path)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="quality vs GFLOPs and wall-clock of static steps, DyDiT "
+                       "and FlexiDiT (notebook 05); rows go to data/results.csv")
+    p.add_argument("--only", nargs="*", help="strategy names or families (default: all)")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", default="data/checkpoints")
+    p.add_argument("--results", default="data/results.csv")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("finetune", help="FLOPs-constrained fine-tuning of a DiT into a DyDiT")
     _add_dataclass_flags(p, FinetuneConfig)

@@ -143,3 +143,73 @@ def generate(model, num_samples: int, steps: int = 50, method: str = "ddim", cfg
                                     cfg_scale=cfg_scale, seed=seed + i, progress=False).cpu())
     model.train(was_training)
     return torch.cat(out), labels
+
+
+# ---------------------------------------------------------------------------
+# One checkpoint, one sampling setting: quality, compute and wall-clock together
+# ---------------------------------------------------------------------------
+
+
+def sampling_gflops(model, steps: int, method: str = "ddim", device="cpu") -> float:
+    """Mean GFLOPs per image per sampling step of ``model`` as it will be sampled.
+
+    A static DiT: the analytic count. A DyDiT: the routing it actually uses over a sampling
+    run. A FlexiDiT behind a :class:`~dydit_lab.flexidit.PatchSchedule`: the exact mix of
+    coarse and native steps.
+    """
+    from .dydit import DyDiT
+    from .flexidit import PatchSchedule, schedule_flops
+    from .flops import analytic_flops, sampling_flops
+
+    if isinstance(model, PatchSchedule):
+        return schedule_flops(model.model.config, model.coarse_patch, model.coarse_steps,
+                              model.total_steps)["gflops_per_image_step"]
+    if isinstance(model, DyDiT):
+        return sampling_flops(model, steps=steps, method=method, device=device,
+                              progress=False)["gflops_per_image_step"]
+    return analytic_flops(model.config)["total"] / 1e9
+
+
+def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: int = 50,
+                        method: str = "ddim", cfg_scale: float = 1.0, seed: int = 0,
+                        coarse_steps: int | None = None, evaluator: SampleEvaluator | None = None,
+                        device="cpu", progress: bool = True) -> dict:
+    """Sample from a checkpoint (DiT, DyDiT or FlexiDiT) and measure what it costs.
+
+    Returns the quality metrics (``accuracy``, ``fd_lenet``), the compute
+    (``gflops_per_step``, ``gflops_per_image`` = per step x steps) and the measured sampling
+    wall-clock ``seconds_per_image`` (generation only, at the evaluator's batch size, with the
+    current torch thread count in ``threads``). ``coarse_steps`` k runs a FlexiDiT with its
+    first k of ``steps`` steps at the coarse patch.
+    """
+    import time
+
+    from .checkpoints import load_model, read_checkpoint
+    from .flexidit import FlexiDiT, scheduled_model
+
+    device = torch.device(device)
+    evaluator = evaluator or SampleEvaluator.from_default(device=device)
+    model = load_model(checkpoint, device=device)
+    if coarse_steps is not None:
+        if not isinstance(model, FlexiDiT):
+            raise ValueError(f"--coarse-steps needs a FlexiDiT checkpoint; {checkpoint} holds a "
+                             f"{type(model).__name__}")
+        model = scheduled_model(model, coarse_steps, steps)
+    start = time.perf_counter()
+    samples, labels = generate(model, num_samples, steps=steps, method=method, cfg_scale=cfg_scale,
+                               seed=seed, device=device, progress=progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    gflops = sampling_gflops(model, steps, method, device)
+    saved = read_checkpoint(checkpoint)
+    recorded = saved.get("args") if isinstance(saved.get("args"), dict) else {}
+    return {
+        "checkpoint": str(checkpoint), "train_steps": saved.get("step", recorded.get("step")),
+        "steps": steps, "method": method, "cfg_scale": cfg_scale, "num_samples": num_samples,
+        "coarse_steps": coarse_steps, "gflops_per_step": gflops,
+        # classifier-free guidance runs the conditional and unconditional halves each step
+        "gflops_per_image": gflops * steps * (1 if cfg_scale == 1 else 2),
+        "seconds_per_image": seconds / num_samples, "device": device.type,
+        "threads": torch.get_num_threads(), **evaluator.score(samples, labels),
+    }

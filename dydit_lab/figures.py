@@ -21,9 +21,10 @@ from .checkpoints import load_model
 from .data import mnist_split
 from .evaluation import DATA_DIR, generate
 from .plotting import (plot_flops_per_step, plot_loss_curves, plot_loss_maps, plot_quality_vs_flops,
-                       plot_sample_grid, plot_speedup_vs_batch, plot_speedup_vs_ratio,
+                       plot_sample_grid, plot_speedup_vs_batch, plot_speedup_vs_ratio, plot_strategies,
                        plot_token_keep, plot_token_map, plot_width_curves, plot_width_heatmap,
                        save_figure)
+from .strategies import strategy_table
 
 CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 FIGURES_DIR = DATA_DIR.parent / "figures"
@@ -191,6 +192,18 @@ def quality_vs_flops_figure(results: str | Path = DATA_DIR / "results.csv"):
 
 
 # ---------------------------------------------------------------------------
+# Notebook 05: static steps vs DyDiT vs FlexiDiT
+# ---------------------------------------------------------------------------
+
+
+def dynamic_strategies_figure(results: str | Path = DATA_DIR / "results.csv"):
+    """Quality vs GFLOPs and vs wall-clock per image of every strategy row in ``results``
+    (written by ``python -m dydit_lab compare``)."""
+    table = strategy_table(results)
+    return plot_strategies(table), table
+
+
+# ---------------------------------------------------------------------------
 # make figures
 # ---------------------------------------------------------------------------
 
@@ -202,6 +215,7 @@ BUILDERS: dict[str, Callable] = {
     "router_schedules": lambda device: router_schedules_figure(device=device),
     "speedup": lambda device: speedup_figure(),
     "quality_vs_flops": lambda device: quality_vs_flops_figure(),
+    "dynamic_strategies": lambda device: dynamic_strategies_figure(),
 }
 
 

@@ -21,7 +21,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from .analysis import PatchLossMaps, RoutingTrace, loss_gap, normalize_maps
 
-__all__ = ["plot_quality_vs_flops", "plot_speedup_vs_batch", "plot_speedup_vs_ratio",
+__all__ = ["plot_quality_vs_flops", "plot_strategies", "plot_speedup_vs_batch", "plot_speedup_vs_ratio",
            "plot_width_curves", "plot_flops_per_step", "plot_loss_curves", "plot_loss_maps", "plot_router_dashboard",
            "plot_sample_grid", "plot_token_keep", "plot_token_map", "plot_width_heatmap", "save_figure"]
 
@@ -421,4 +421,33 @@ def plot_quality_vs_flops(table: pd.DataFrame) -> Figure:
         ax.set_ylabel(label, fontsize=LABEL_SIZE)
         _style(ax)
     fig.suptitle("Quality vs compute", fontsize=TITLE_SIZE)
+    return fig
+
+
+STRATEGY_MARKERS = {"static": "o", "DyDiT": "s", "FlexiDiT": "^"}
+
+
+def plot_strategies(table: pd.DataFrame) -> Figure:
+    """Quality (FD-LeNet, class accuracy) vs compute (GFLOPs per image) and vs measured
+    wall-clock per image, one line per strategy family, each point labelled by its setting."""
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), layout="constrained")
+    panels = [("gflops_per_image", "GFLOPs per image (whole sampling run)"),
+              ("seconds_per_image", "CPU wall-clock per image (s)")]
+    metrics = [("fd_lenet", "FD-LeNet (lower is better)"), ("accuracy", "class accuracy (higher is better)")]
+    for row, (metric, metric_label) in zip(axes, metrics):
+        for ax, (x, x_label) in zip(row, panels):
+            for i, (family, group) in enumerate(table.groupby("strategy", sort=False)):
+                group = group.sort_values(x)
+                ax.plot(group[x], group[metric], marker=STRATEGY_MARKERS.get(family, "o"), ms=7,
+                        color=PALETTE[i], label=family)
+                for _, r in group.iterrows():
+                    ax.annotate(str(r["setting"]), (r[x], r[metric]), fontsize=7, color=PALETTE[i],
+                                xytext=(4, 3), textcoords="offset points")
+            ax.set_xlabel(x_label, fontsize=LABEL_SIZE)
+            ax.set_ylabel(metric_label, fontsize=LABEL_SIZE)
+            ax.grid(alpha=0.3)
+            _style(ax)
+    axes[0][0].legend(title="strategy")
+    fig.suptitle("Spending less compute per image: static step count vs DyDiT vs FlexiDiT "
+                 "(same parent, DiT-lab-L)", fontsize=TITLE_SIZE)
     return fig

@@ -121,6 +121,19 @@ def append_log(path: Path, row: dict, fields: list[str] | None = None) -> None:
         writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def drop_log_rows_after(path: Path, step: int) -> None:
+    """Remove log rows past ``step``: a run killed between checkpoints logged steps that the
+    resumed run repeats, and the log must hold each step once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
 def restore_or_refuse(ckpt_path: Path, resume: bool, model, ema, opt, device="cpu") -> int:
     """With ``resume``, load model, EMA and optimizer from ``ckpt_path`` and return its step;
     without, refuse to overwrite an existing run. Returns 0 for a fresh run."""
@@ -131,6 +144,7 @@ def restore_or_refuse(ckpt_path: Path, resume: bool, model, ema, opt, device="cp
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+        drop_log_rows_after(ckpt_path.parent / "log.csv", state["step"])
         return state["step"]
     if ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or pick another --out")

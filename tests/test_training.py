@@ -31,6 +31,18 @@ def test_train_resume_and_refuse_overwrite(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temp files
 
 
+def test_resume_drops_log_rows_past_the_checkpoint(tmp_path):
+    # A run killed between checkpoints has logged steps the resumed run will repeat.
+    cfg = TrainConfig(arch="DiT-lab-T", out=str(tmp_path), steps=2, batch_size=4)
+    train(cfg)
+    log = tmp_path / "log.csv"
+    with open(log, "a") as f:
+        f.write("3,0.5,0.001,0,,\n4,0.5,0.001,0,,\n")
+    train(TrainConfig(**{**cfg.__dict__, "steps": 4, "resume": True}))
+    steps = [int(line.split(",")[0]) for line in log.read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_cli_train_and_missing_resume(tmp_path, capsys):
     main(["train", "--arch", "DiT-lab-T", "--out", str(tmp_path / "a"), "--steps", "2",
           "--batch-size", "4"])

@@ -1,0 +1,97 @@
+"""Ways to spend less compute per generated image, compared at equal footing (notebook 05).
+
+Three families share one large parent model, ``DiT-lab-L``:
+
+- **static**: the parent itself, with fewer sampling steps;
+- **DyDiT**: the parent fine-tuned with timestep-wise width and token routers (one
+  checkpoint per FLOPs target lambda);
+- **FlexiDiT**: the parent fine-tuned to also run at a coarse patch size, sampled with its
+  first k of S steps coarse.
+
+:func:`compare_strategies` evaluates each :class:`Strategy` with the same classifier, sample
+count and seeds, measures GFLOPs per image and CPU wall-clock, and upserts one row per
+strategy into ``data/results.csv`` (columns ``strategy`` and ``setting`` mark them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .evaluation import DATA_DIR, SampleEvaluator, evaluate_checkpoint
+
+CHECKPOINT_DIR = DATA_DIR / "checkpoints"
+RESULTS = DATA_DIR / "results.csv"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One sampling setting of one checkpoint."""
+
+    family: str  # "static", "DyDiT" or "FlexiDiT"
+    setting: str  # what distinguishes it inside its family, e.g. "20 steps", "lambda = 0.5"
+    checkpoint: str  # file name under data/checkpoints/
+    steps: int = 50
+    coarse_steps: int | None = None  # FlexiDiT: first k of ``steps`` at the coarse patch
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}: {self.setting}"
+
+
+STRATEGIES: tuple[Strategy, ...] = (
+    *(Strategy("static", f"{s} steps", "DiT-lab-L.pt", steps=s) for s in (10, 20, 30, 50)),
+    *(Strategy("DyDiT", f"lambda = {lam}", f"DyDiT-lab-L-{lam}.pt") for lam in ("0.7", "0.5")),
+    *(Strategy("FlexiDiT", f"k = {k} of 50 coarse", "FlexiDiT-lab-L.pt", coarse_steps=k)
+      for k in (0, 10, 20, 30, 40)),
+)
+
+
+def select(names: list[str] | None = None) -> list[Strategy]:
+    """The strategies whose name or family is in ``names`` (all when None); unknown names fail."""
+    if not names:
+        return list(STRATEGIES)
+    known = {s.name for s in STRATEGIES} | {s.family for s in STRATEGIES}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {sorted(known)}")
+    return [s for s in STRATEGIES if s.name in names or s.family in names]
+
+
+def compare_strategies(names: list[str] | None = None, num_samples: int = 1000, seed: int = 0,
+                       checkpoint_dir: str | Path = CHECKPOINT_DIR, results: str | Path | None = RESULTS,
+                       device="cpu", progress: bool = True) -> pd.DataFrame:
+    """Evaluate each selected strategy; upsert rows into ``results`` (None: don't write).
+
+    Wall-clock is only comparable between rows measured on the same, otherwise idle
+    machine with the same thread count (recorded in ``threads``).
+    """
+    from .results import record_result
+
+    chosen = select(names)
+    missing = sorted({s.checkpoint for s in chosen if not (Path(checkpoint_dir) / s.checkpoint).exists()})
+    if missing:
+        raise FileNotFoundError(f"missing checkpoints in {checkpoint_dir}: {missing} (README, 'Lab models')")
+    evaluator = SampleEvaluator.from_default(device=device)
+    rows = []
+    for strategy in tqdm(chosen, desc="strategies", disable=not progress):
+        metrics = evaluate_checkpoint(Path(checkpoint_dir) / strategy.checkpoint, num_samples=num_samples,
+                                      steps=strategy.steps, seed=seed, coarse_steps=strategy.coarse_steps,
+                                      evaluator=evaluator, device=device, progress=False)
+        row = {"name": strategy.name, "strategy": strategy.family, "setting": strategy.setting, **metrics}
+        if results is not None:
+            record_result(results, row)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def strategy_table(results: str | Path = RESULTS) -> pd.DataFrame:
+    """The strategy rows of ``results`` with numeric columns, cheapest first per family."""
+    table = pd.read_csv(results)
+    if "strategy" not in table.columns or table["strategy"].isna().all():
+        raise FileNotFoundError(f"{results} has no strategy rows: run python -m dydit_lab compare")
+    table = table.dropna(subset=["strategy"]).copy()
+    return table.sort_values(["strategy", "gflops_per_image"]).reset_index(drop=True)

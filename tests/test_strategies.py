@@ -1,0 +1,89 @@
+"""Compute-vs-quality comparison of sampling strategies (notebook 05)."""
+
+import pytest
+import torch
+
+import dydit_lab
+from dydit_lab.dydit import DyDiT
+from dydit_lab.evaluation import SampleEvaluator, evaluate_checkpoint
+from dydit_lab.figures import dynamic_strategies_figure
+from dydit_lab.flexidit import FlexiDiT, schedule_flops
+from dydit_lab.flops import analytic_flops
+from dydit_lab.strategies import STRATEGIES, compare_strategies, select, strategy_table
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return SampleEvaluator.from_default()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny stand-ins for every checkpoint the strategies name, in our export layout."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    dit = dydit_lab.create_model("DiT-lab-T")
+    models = {"DiT-lab-L.pt": dit, "FlexiDiT-lab-L.pt": FlexiDiT.from_dit(dit)}
+    for lam in ("0.7", "0.5"):
+        models[f"DyDiT-lab-L-{lam}.pt"] = DyDiT.from_dit(dit)
+    for name, model in models.items():
+        torch.save({"ema": model.state_dict(), "args": {"arch": "DiT-lab-T"}, "step": 7}, folder / name)
+    return folder
+
+
+def test_flexidit_schedule_costs_and_times(checkpoints, evaluator):
+    path = checkpoints / "FlexiDiT-lab-L.pt"
+    native = evaluate_checkpoint(path, num_samples=10, steps=4, evaluator=evaluator, progress=False)
+    coarse = evaluate_checkpoint(path, num_samples=10, steps=4, coarse_steps=2, evaluator=evaluator,
+                                 progress=False)
+    config = dydit_lab.create_model("DiT-lab-T").config
+    assert native["gflops_per_step"] == pytest.approx(analytic_flops(config)["total"] / 1e9)
+    assert coarse["gflops_per_image"] == pytest.approx(schedule_flops(config, None, 2, 4)["total_gflops"])
+    assert coarse["gflops_per_image"] < native["gflops_per_image"]
+    for metrics in (native, coarse):
+        assert metrics["seconds_per_image"] > 0 and metrics["train_steps"] == 7
+        assert 0 <= metrics["accuracy"] <= 1 and metrics["fd_lenet"] > 0
+
+
+def test_coarse_steps_need_a_flexidit(checkpoints, evaluator):
+    with pytest.raises(ValueError, match="FlexiDiT"):
+        evaluate_checkpoint(checkpoints / "DiT-lab-L.pt", num_samples=4, steps=2, coarse_steps=1,
+                            evaluator=evaluator, progress=False)
+
+
+def test_select_by_name_or_family():
+    assert len(select()) == len(STRATEGIES)
+    assert {s.family for s in select(["DyDiT"])} == {"DyDiT"}
+    assert [s.name for s in select(["static: 20 steps"])] == ["static: 20 steps"]
+    with pytest.raises(ValueError, match="choose from"):
+        select(["bogus"])
+
+
+def test_compare_writes_rows_and_the_figure_reads_them(checkpoints, tmp_path):
+    results = tmp_path / "results.csv"
+    names = ["static: 10 steps", "static: 20 steps", "DyDiT: lambda = 0.5", "FlexiDiT: k = 20 of 50 coarse"]
+    table = compare_strategies(names, num_samples=10, checkpoint_dir=checkpoints, results=results,
+                               progress=False)
+    assert list(table["name"]) == names
+    rows = strategy_table(results)
+    assert set(rows["strategy"]) == {"static", "DyDiT", "FlexiDiT"}
+    static = rows[rows["strategy"] == "static"].set_index("setting")
+    # Same model, twice the steps: exactly twice the compute per image.
+    assert static.loc["20 steps", "gflops_per_image"] == pytest.approx(2 * static.loc["10 steps", "gflops_per_image"])
+    fig, shown = dynamic_strategies_figure(results)
+    assert len(fig.axes) == 4 and len(shown) == 4
+    assert fig.axes[0].get_xlabel().startswith("GFLOPs per image")
+
+
+def test_compare_cli(checkpoints, tmp_path, capsys):
+    from dydit_lab.cli import main
+
+    main(["compare", "--only", "static: 10 steps", "--num-samples", "10", "--checkpoint-dir", str(checkpoints),
+          "--results", str(tmp_path / "r.csv"), "--device", "cpu"])
+    assert "static: 10 steps" in capsys.readouterr().out
+    assert list(strategy_table(tmp_path / "r.csv")["name"]) == ["static: 10 steps"]
+
+
+def test_compare_names_missing_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="DyDiT-lab-L-0.5.pt"):
+        compare_strategies(["DyDiT"], checkpoint_dir=tmp_path, results=None, progress=False)
