@@ -8,46 +8,76 @@ a short fine-tune the model runs a coarse patch (4x fewer tokens for q = 2p: a "
 cheap model) in the early, noisy sampling steps, where it predicts almost what the native
 ("powerful") patch would, and the native patch in the late steps that add the details.
 
-What the paper says and what we follow (only the paper's abstract and third-party summaries
-were at hand when this was written, not its method section: the parts marked *recalled* are
-our reading of the paper, not checked against its text):
+What the paper says (checked against the arXiv v1 text, 2502.20126: section numbers below are
+the paper's) and what we follow:
 
-* Only the embedding and de-embedding layers change with the patch size; every transformer
-  weight is shared (paper, Fig. 4: "by changing the lightweight embedding and de-embedding
-  layers"). Done: new parameters live under ``flex_embedders.<q>``, ``flex_final.<q>`` and
-  ``flex_pos_embed.<q>``; the native path keeps the official state-dict keys and runs the
-  parent's code, so it is numerically identical to the parent DiT.
-* New embedding initialised from the pre-trained one with FlexiViT's pseudo-inverse resize
-  (PI-resize, Beyer et al. 2023; *recalled*; a public implementation citing FlexiDiT also
-  builds the new weights from an interpolation matrix). Done, see :func:`pi_resize_kernel`:
-  with B the resize operator from a p x p patch to a q x q patch, the new kernel is
-  ``pinv(B^T) w``, so that ``<B z, w_new> = <z, w>`` for every p x p patch z when q > p:
-  a coarse token of an image made of resized patches equals the native token of the
-  original patch. ``resize="bilinear"`` (FlexiViT's default) or ``"nearest"``; with
-  ``nearest`` and q = 2p the coarse embedding is exactly the native embedding of the
-  2x average-pooled image.
-* New de-embedding: the resize applied to the output patch, ``W_new = B W`` (and the bias),
-  so a coarse token's q x q output is the resized p x p output the native linear gives for
-  the same token. With ``nearest`` and ``pos="grid"`` the whole coarse forward equals the
-  native DiT run at half resolution on the pooled image, upsampled (tested).
-* Position embeddings: DiT's are fixed 2-D sin-cos. FlexiViT bilinearly resizes its learned
-  table so that each token keeps the embedding of its place in the image; for a fixed
-  sin-cos table the exact version of that is to evaluate sin-cos at each coarse token's
-  centre in native-grid units, ``(i + 1/2) q/p - 1/2`` (``pos="center"``, default: the
-  digits of our data sit at fixed places, so absolute position matters). ``pos="grid"``
-  uses the sin-cos table of the coarse grid itself (what a DiT built for a smaller image
-  has). Either is stored in the state dict (``requires_grad=False``, like ``pos_embed``).
-* Fine-tuning: a short fine-tune of the whole model in which each batch uses one patch size
-  (*recalled*; third-party summaries agree that every patch size is trained over all
-  timesteps, and that the text-to-image models were fine-tuned with LoRA). Done in
-  :func:`flexi_finetune`: coarse with probability ``p_coarse`` per batch, stratified
-  timesteps, min-SNR-weighted eps loss, ``train="all"`` (default) or ``"new"`` (only the
-  new layers). Optional ``distill_weight`` pulls the coarse prediction towards the frozen
-  parent's native prediction (*recalled*: the paper distils the weak model from the
-  powerful one); 0 by default, i.e. the plain diffusion loss.
+* Shared weights (Sec. 3.1; Sec. 4.1 for the ImageNet DiT-XL/2): when the training data is
+  at hand the paper fine-tunes one set of transformer weights for all patch sizes, no LoRA;
+  only the tokenizer / de-tokenizer change with the patch size (Fig. 4). Done: new
+  parameters live under ``flex_embedders.<q>``, ``flex_final.<q>`` and ``flex_pos_embed.<q>``;
+  the native path keeps the official state-dict keys and runs the parent's code, so it is
+  numerically identical to the parent DiT. Sec. 3.1 also adds a learned patch-size
+  embedding to every token: done, ``flex_size_embed.<q>`` (zero at init). Not done: its
+  patch-size-dependent layer norms (DiT's norms have no affine parameters to specialise;
+  adaLN supplies the scale and shift for every size alike); and for
+  the class-conditional model it keeps a single underlying embedding / de-embedding (kernel
+  size p' = 4, App. C.2) projected to every patch size, where we keep separate layers per
+  size (the LoRA variant of Sec. 3.2 also uses separate new layers per size).
+* New embedding (Sec. 3.1): weights are projected with a fixed matrix that is the
+  pseudo-inverse of the bilinear-interpolation projection, i.e. FlexiViT's PI-resize (Beyer
+  et al. 2023), chosen for norm preservation; the bias is copied; the init is built from the
+  pre-trained weights so that the pre-trained patch size keeps its function. Done, see
+  :func:`pi_resize_kernel`: with B the resize operator from a p x p patch to a q x q patch,
+  the new kernel is ``pinv(B^T) w``, so that ``<B z, w_new> = <z, w>`` for every p x p patch
+  z when q > p: a coarse token of an image made of resized patches equals the native token
+  of the original patch. ``resize="bilinear"`` (the paper's and FlexiViT's choice) or
+  ``"nearest"`` (ours); with ``nearest`` and q = 2p the coarse embedding is exactly the
+  native embedding of the 2x average-pooled image. Caveat: the paper writes the init as the
+  pseudo-inverse of its p' -> p projection applied to the native kernel (a p'-kernel whose
+  projection to p gives back w), not as a direct p -> q PI-resize; for bilinear the two give
+  different (both native-preserving) coarse kernels, and the text does not pin down the
+  resize details further.
+* New de-embedding (Sec. 3.1): the same construction with the projection's dimensions
+  flipped, applied to weights and bias. Ours: the resize applied to the output patch,
+  ``W_new = B W`` (and the bias), so a coarse token's q x q output is the resized p x p output
+  the native linear gives for the same token. With ``nearest`` and ``pos="grid"`` the whole
+  coarse forward equals the native DiT run at half resolution on the pooled image,
+  upsampled (tested).
+* Position embeddings (Sec. 3.1, App. C.2): each patch gets the positional encoding of its
+  pixel coordinates in the original image (following PixArt-alpha); the exact anchor
+  (patch corner or centre) is shown only in a schematic. Ours, ``pos="center"`` (default):
+  DiT's fixed 2-D sin-cos evaluated at each coarse token's centre in native-grid units,
+  ``(i + 1/2) q/p - 1/2``. ``pos="grid"`` (the sin-cos table of the coarse grid itself, what a
+  DiT built for a smaller image has) is not the paper's choice; kept as an ablation. Either
+  is stored in the state dict (``requires_grad=False``, like ``pos_embed``).
+* Fine-tuning, ImageNet (Sec. 4.1, App. B.1, B.4, C.2): the whole model is fine-tuned with
+  DiT's own recipe (Table 4: lr 1e-4, no weight decay, EMA 0.9999 every step); each training
+  example is noised as usual and denoised at one of the available patch sizes, and every
+  patch size is trained over all timesteps (App. B.4 notes that training for one fixed
+  schedule would do better). The ImageNet model also gets a bootstrapped
+  distribution-matching (MMD) loss against exposure bias: a short chain of weak-then-powerful
+  DDPM steps whose end samples are matched to noised real images (App. B.1); we do not
+  implement it. Fine-tuning costs under 5% of pre-training compute (Sec. 3); no step count
+  is given. Done in :func:`flexi_finetune`: coarse with probability ``p_coarse`` per batch
+  (paper: not specified), stratified timesteps and min-SNR-weighted eps loss (ours; the
+  paper uses DiT's loss), ``train="all"`` (default, the paper's ImageNet choice) or ``"new"``
+  (only the new layers; not in the paper).
+* Distillation (Sec. 3.2): used in the LoRA variant (frozen base, LoRAs of rank 32-64 on
+  self-attention and MLP, text-to-image and video models), where the weak model is trained
+  only to match the frozen pre-trained model's native prediction with an L2 loss; a few
+  thousand images suffice (App. B.5). Ours: optional ``distill_weight`` adds that L2 term
+  towards the frozen parent on coarse batches, on top of the diffusion loss; 0 by default.
+* Sampling (Sec. 3.3): the weak model denoises the first T_weak steps from noise, the
+  powerful one the remaining T - T_weak; the weak patch is 2x the native one. Weak-last is
+  worse (App. B.4, Fig. 19). Not done: Sec. 3.4's guidance variant, in which the
+  unconditional branch may stay weak longer than the conditional one and then guides with
+  the weak conditional prediction. Reported for DiT-XL/2, ImageNet 256, 250 DDPM steps
+  (Fig. 21 / App. B.4): FID-50k 2.25 at 100% and at 64% of the FLOPs (130 of 250 steps
+  native), 2.64 at 46% (70 native) and 3.24 at ~29%; pre-trained DiT-XL/2: 2.27. The best
+  CFG scale grows as more steps run weak (Fig. 6).
 
 ``python -m dydit_lab flexi-finetune --parent data/checkpoints/DiT-lab-L.pt --out runs/flexi-L``
-``python -m dydit_lab flexi-flops --arch DiT-lab-L --coarse-patch 8 --steps 50 --coarse-steps 0,10,20``
+``python -m dydit_lab flexi-flops --arch DiT-lab-L --coarse-patch 8 --steps 50 --coarse-steps 0,12,24,36``
 """
 
 from __future__ import annotations
@@ -162,8 +192,9 @@ class FlexiDiT(DiT):
 
     ``forward(x, t, y, patch_size=None)`` returns ``(N, out_channels, H, W)`` at any of
     :attr:`patch_sizes`; ``None`` (or the native size) runs the parent DiT's code unchanged.
-    Extra parameters: ``flex_embedders.<q>.proj`` (conv), ``flex_final.<q>`` (linear) and the
-    fixed ``flex_pos_embed.<q>``. A freshly built model initialises them from its own
+    Extra parameters: ``flex_embedders.<q>.proj`` (conv), ``flex_final.<q>`` (linear), the
+    learned patch-size token ``flex_size_embed.<q>`` and the fixed ``flex_pos_embed.<q>``.
+    A freshly built model initialises them from its own
     (random) native layers; :meth:`from_dit` does so from a trained DiT.
     """
 
@@ -185,6 +216,10 @@ class FlexiDiT(DiT):
         self.flex_pos_embed = nn.ParameterDict({
             str(q): nn.Parameter(torch.zeros(1, (config.input_size // q) ** 2, D), requires_grad=False)
             for q in self.coarse_patches})
+        # A learned vector per patch size added to every token tells the shared blocks which
+        # size they see (the paper's Sec. 3.1); zero at init, so flexifying changes nothing.
+        self.flex_size_embed = nn.ParameterDict({
+            str(q): nn.Parameter(torch.zeros(1, 1, D)) for q in self.coarse_patches})
         self.init_flex_layers()
 
     @property
@@ -224,6 +259,7 @@ class FlexiDiT(DiT):
             final.bias.copy_(b)
             table = coarse_pos_embed(self.config.hidden_size, self.config.input_size, p, q, self.pos)
             self.flex_pos_embed[str(q)].copy_(torch.from_numpy(table).float().unsqueeze(0))
+            self.flex_size_embed[str(q)].zero_()
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters the parent DiT does not have (embedders, final linears)."""
@@ -243,7 +279,7 @@ class FlexiDiT(DiT):
             return self.embed(x, t, y)
         self._check_inputs(x, t, y)
         key = str(patch_size)
-        tokens = self.flex_embedders[key](x) + self.flex_pos_embed[key]
+        tokens = self.flex_embedders[key](x) + self.flex_pos_embed[key] + self.flex_size_embed[key]
         t_emb = self.t_embedder(t)
         return tokens, t_emb + self.y_embedder(y, self.training), t_emb
 
@@ -487,7 +523,7 @@ class FlexiFinetuneConfig:
     resize: str = "bilinear"  # PI-resize operator: bilinear (FlexiViT) or nearest
     pos: str = "center"  # coarse positions: center (sin-cos at patch centres) or grid
     uniform_timesteps: bool = False  # default: stratified over four equal bands
-    coarse_t_min: int = 0  # coarse batches draw t in [coarse_t_min, 1000) (paper: all t)
+    coarse_t_min: int = 0  # coarse batches draw t in [coarse_t_min, 1000) (paper, App. B.4: all t)
     distill_weight: float = 0.0  # + w * |coarse eps - frozen parent's native eps|^2
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.995

@@ -46,7 +46,7 @@ STRATEGIES: tuple[Strategy, ...] = (
     *(Strategy("static", f"{s} steps", "DiT-lab-L.pt", steps=s) for s in (10, 20, 30, 50)),
     *(Strategy("DyDiT", f"lambda = {lam}", f"DyDiT-lab-L-{lam}.pt") for lam in ("0.7", "0.5")),
     *(Strategy("FlexiDiT", f"k = {k} of 50 coarse", "FlexiDiT-lab-L.pt", coarse_steps=k)
-      for k in (0, 10, 20, 30, 40)),
+      for k in (0, 12, 24, 36)),
 )
 
 

@@ -69,7 +69,8 @@ def test_native_path_equals_parent(name, request):
     q = 2 * dit.patch_size
     assert keys - set(dit.state_dict()) == {
         f"flex_embedders.{q}.proj.weight", f"flex_embedders.{q}.proj.bias",
-        f"flex_final.{q}.weight", f"flex_final.{q}.bias", f"flex_pos_embed.{q}"}
+        f"flex_final.{q}.weight", f"flex_final.{q}.bias", f"flex_pos_embed.{q}", f"flex_size_embed.{q}"}
+    assert not flexi.flex_size_embed[str(q)].any()  # zero until fine-tuned: flexifying is a no-op
 
 
 @pytest.mark.parametrize("name", ["tiny", "small_sigma"])

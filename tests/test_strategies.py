@@ -61,7 +61,7 @@ def test_select_by_name_or_family():
 
 def test_compare_writes_rows_and_the_figure_reads_them(checkpoints, tmp_path):
     results = tmp_path / "results.csv"
-    names = ["static: 10 steps", "static: 20 steps", "DyDiT: lambda = 0.5", "FlexiDiT: k = 20 of 50 coarse"]
+    names = ["static: 10 steps", "static: 20 steps", "DyDiT: lambda = 0.5", "FlexiDiT: k = 24 of 50 coarse"]
     table = compare_strategies(names, num_samples=10, checkpoint_dir=checkpoints, results=results,
                                progress=False)
     assert list(table["name"]) == names
