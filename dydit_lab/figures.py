@@ -172,6 +172,24 @@ def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
     return df[[c for c in keep if c in df.columns]]
 
 
+FLOPS_TABLE_ARCHS = (("DiT-XL/2", 32), ("DiT-B/2", 32), ("DiT-S/2", 32), ("DiT-lab-L", 32), ("DiT-lab-S", 32))
+
+
+def flops_table(archs=FLOPS_TABLE_ARCHS) -> pd.DataFrame:
+    """Exact static GFLOPs per image per forward of the official and lab DiTs (DiT's MAC
+    convention); ``input_size`` 32 is a 256 px image's latent for the official ones."""
+    from .flops import analytic_flops, num_tokens
+    from .models import get_config
+
+    rows = []
+    for arch, size in archs:
+        cfg = get_config(arch, input_size=size)
+        rows.append({"arch": arch, "input_size": size, "tokens": num_tokens(cfg),
+                     "depth": cfg.depth, "hidden": cfg.hidden_size,
+                     "gflops": round(analytic_flops(cfg)["total"] / 1e9, 4)})
+    return pd.DataFrame(rows)
+
+
 def speedup_figure(bench_dir: str | Path = BENCH_DIR):
     """Measured speed-up of sliced and masked DyDiT over the static DiT, against the ideal
     1 / FLOPs fraction and the paper's V100 figures; and vs batch size where swept."""
@@ -196,6 +214,36 @@ def quality_vs_flops_figure(results: str | Path = DATA_DIR / "results.csv"):
 # ---------------------------------------------------------------------------
 
 
+def flexidit_schedule_table(arch: str = "DiT-lab-L", steps: int = 50, coarse_steps=(0, 12, 24, 36)):
+    """Exact GFLOPs of FlexiDiT sampling runs with the first k of ``steps`` steps coarse."""
+    from .flexidit import schedule_flops
+
+    rows = [schedule_flops(arch, None, k, steps) for k in coarse_steps]
+    return pd.DataFrame([{"coarse_steps": r["coarse_steps"], "of_steps": r["total_steps"],
+                          "patch": f'{r["coarse_patch"]} then {r["native_patch"]}',
+                          "gflops_per_image": round(r["total_gflops"], 4),
+                          "flops_fraction": round(r["flops_fraction"], 4)} for r in rows])
+
+
+SAMPLE_STRATEGIES = ("static: 50 steps", "static: 20 steps", "DyDiT: lambda = 0.5", "FlexiDiT: k = 24 of 50 coarse")
+
+
+def strategy_samples_figure(names=SAMPLE_STRATEGIES, num: int = 20, seed: int = 0, device="cpu"):
+    """Digits 0-9 (``num`` // 10 each) from each named strategy, same seed and noise for all."""
+    from .flexidit import scheduled_model
+    from .strategies import select
+
+    chosen = select(list(names))
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(8, 1.9 * len(chosen) * num / 20), layout="constrained")
+    for ax, strategy in zip(list(axes) if len(chosen) > 1 else [axes], chosen):
+        model = load_model(CHECKPOINT_DIR / strategy.checkpoint, device=device)
+        if strategy.coarse_steps is not None:
+            model = scheduled_model(model, strategy.coarse_steps, strategy.steps)
+        samples, labels = generate(model, num, steps=strategy.steps, seed=seed, device=device, progress=False)
+        plot_sample_grid(samples, labels, nrow=10, ax=ax, title=strategy.name)
+    return fig
+
+
 def dynamic_strategies_figure(results: str | Path = DATA_DIR / "results.csv"):
     """Quality vs GFLOPs and vs wall-clock per image of every strategy row in ``results``
     (written by ``python -m dydit_lab compare``)."""
@@ -216,6 +264,7 @@ BUILDERS: dict[str, Callable] = {
     "speedup": lambda device: speedup_figure(),
     "quality_vs_flops": lambda device: quality_vs_flops_figure(),
     "dynamic_strategies": lambda device: dynamic_strategies_figure(),
+    "strategy_samples": lambda device: (strategy_samples_figure(device=device), None),
 }
 
 

@@ -6,6 +6,7 @@ import torch
 import dydit_lab
 from dydit_lab.dydit import DyDiT
 from dydit_lab.evaluation import SampleEvaluator, evaluate_checkpoint
+from dydit_lab import figures
 from dydit_lab.figures import dynamic_strategies_figure
 from dydit_lab.flexidit import FlexiDiT, schedule_flops
 from dydit_lab.flops import analytic_flops
@@ -87,3 +88,17 @@ def test_compare_cli(checkpoints, tmp_path, capsys):
 def test_compare_names_missing_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="DyDiT-lab-L-0.5.pt"):
         compare_strategies(["DyDiT"], checkpoint_dir=tmp_path, results=None, progress=False)
+
+
+def test_strategy_samples_figure(checkpoints, monkeypatch):
+    monkeypatch.setattr(figures, "CHECKPOINT_DIR", checkpoints)
+    fig = figures.strategy_samples_figure(["static: 10 steps", "FlexiDiT: k = 24 of 50 coarse"], num=10)
+    assert [ax.get_title() for ax in fig.axes] == ["static: 10 steps", "FlexiDiT: k = 24 of 50 coarse"]
+
+
+def test_flops_tables():
+    table = figures.flops_table().set_index("arch")
+    assert table.loc["DiT-XL/2", "gflops"] == 118.6887  # the DiT paper's 118.6 GFLOPs
+    assert table.loc["DiT-lab-L", "gflops"] / table.loc["DiT-lab-S", "gflops"] > 5
+    flexi = figures.flexidit_schedule_table()
+    assert flexi["flops_fraction"].iloc[0] == 1 and flexi["flops_fraction"].is_monotonic_decreasing
