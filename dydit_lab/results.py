@@ -12,7 +12,7 @@ def record_result(path: str | Path, row: dict) -> None:
         raise ValueError("a result row needs a 'name'")
     path = Path(path)
     rows = read_results(path)
-    rows = [r for r in rows if r.get("name") != str(row["name"])] + [{k: str(v) for k, v in row.items()}]
+    rows = [r for r in rows if r.get("name") != str(row["name"])] + [{k: "" if v is None else str(v) for k, v in row.items()}]
     columns = ["name"] + sorted({k for r in rows for k in r} - {"name"})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
