@@ -12,16 +12,27 @@ from .finetuning import FinetuneConfig
 from .training import TrainConfig
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each dataclass field: the config's own explanation."""
+    import inspect
+    import re
+
+    found = (re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2) for m in found if m}
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--flag`` per dataclass field, typed and defaulted by the field."""
+    """One ``--flag`` per dataclass field, typed and defaulted by the field, its comment as help."""
+    comments = _field_comments(cls)
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
+        note = comments.get(field.name, "").replace("%", "%%")
         if field.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", default=field.default)
+            parser.add_argument(flag, action="store_true", default=field.default, help=note or None)
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(field.type), field.type)
             parser.add_argument(flag, type=kind, default=field.default,
-                                help=f"(default: {field.default})")
+                                help=f"{note} (default: {field.default})".strip())
 
 
 def _dataclass_from(args: argparse.Namespace, cls):

@@ -31,10 +31,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 @dataclass
 class FinetuneConfig:
-    parent: str = "data/checkpoints/DiT-lab-L.pt"
+    parent: str = "data/checkpoints/DiT-lab-L.pt"  # the trained DiT (or DyDiT) to start from
     out: str = "runs/dydit-L"
-    target_ratio: float = 0.5
-    steps: int = 1200
+    target_ratio: float = 0.5  # lambda: FLOPs of the DyDiT / FLOPs of the parent
+    steps: int = 1200  # 10 % of DiT-lab-L's pre-training steps
     hold_steps: int = 50  # target = 1 while the routers settle
     anneal_steps: int = 500  # target reaches target_ratio here
     batch_size: int = 64
@@ -42,15 +42,15 @@ class FinetuneConfig:
     router_lr: float = 3e-3  # routers start saturated and must move within a short fine-tune
     tdw_init_bias: float = 15.0  # official value
     sdt_init_bias: float = 5.0  # official 35 suits 200k steps; SDT could not move in ours
-    flops_weight: float = 2.0
-    complete_model_loss: bool = True
+    flops_weight: float = 2.0  # w in w * (FLOPs fraction - target)^2
+    complete_model_loss: bool = True  # also train the all-on model on the same weights
     min_snr_gamma: float = 5.0
-    ema_decay: float = 0.995
+    ema_decay: float = 0.995  # short run: a short EMA window
     grad_clip: float = 1.0
     seed: int = 0
     ckpt_minutes: float = 4.0
     device: str = "auto"
-    resume: bool = False
+    resume: bool = False  # go on from OUT/checkpoint.pt
 
 
 def target_at(step: int, cfg: FinetuneConfig) -> float:

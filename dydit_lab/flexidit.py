@@ -510,12 +510,12 @@ def _load_parent(path) -> DiT:
 class FlexiFinetuneConfig:
     """Options of :func:`flexi_finetune` (each is a ``--flag`` of ``flexi-finetune``)."""
 
-    parent: str = "data/checkpoints/DiT-lab-L.pt"
+    parent: str = "data/checkpoints/DiT-lab-L.pt"  # the trained DiT to flexify
     out: str = "runs/flexi-L"
     data: str = "mnist"
     coarse_patch: int = 0  # 0: 2 x the parent's patch
     p_coarse: float = 0.5  # probability that a batch runs at the coarse patch
-    steps: int = 1500
+    steps: int = 1200  # 10 % of DiT-lab-L's pre-training, the same budget as a DyDiT fine-tune
     batch_size: int = 64
     lr: float = 1e-4  # shared (parent) weights
     new_lr: float = 1e-3  # the new embedding / de-embedding layers start from a resize
@@ -531,7 +531,7 @@ class FlexiFinetuneConfig:
     seed: int = 0
     ckpt_minutes: float = 4.0
     device: str = "auto"
-    resume: bool = False
+    resume: bool = False  # go on from OUT/checkpoint.pt
 
 
 def _validate(cfg: FlexiFinetuneConfig) -> None:

@@ -29,26 +29,26 @@ LOG_FIELDS = ["step", "loss", "lr", "time", "accuracy", "fd_lenet"]
 
 @dataclass
 class TrainConfig:
-    arch: str = "DiT-lab-L"
-    data: str = "mnist"
-    out: str = "runs/lab-L"
+    arch: str = "DiT-lab-L"  # a preset of dydit_lab.models (DiT-S/2 ... DiT-XL/8, DiT-lab-S/L/T)
+    data: str = "mnist"  # mnist, or a folder of images with one sub-folder per class
+    out: str = "runs/lab-L"  # run folder: checkpoint.pt, log.csv, config.txt
     steps: int = 12000
     batch_size: int = 128  # global batch, split across DDP ranks
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW, constant after the linear warm-up
     warmup_steps: int = 200
     weight_decay: float = 0.0
-    ema_decay: float = 0.9995
+    ema_decay: float = 0.9995  # the EMA weights are what export and load_model use
     min_snr_gamma: float = 5.0  # 0 disables the min-SNR weighting
     grad_clip: float = 1.0
     seed: int = 0
-    ckpt_every: int = 500
-    ckpt_minutes: float = 5.0
+    ckpt_every: int = 500  # steps between checkpoints ...
+    ckpt_minutes: float = 5.0  # ... or minutes, whichever comes first
     eval_every: int = 0  # steps between sample-quality evaluations (0: never)
     eval_samples: int = 500
-    device: str = "auto"
+    device: str = "auto"  # auto: CUDA when present, else CPU
     precision: str = "fp32"  # or bf16 (autocast)
     compile: bool = False
-    resume: bool = False
+    resume: bool = False  # go on from OUT/checkpoint.pt (model, EMA, optimizer, step)
 
 
 def resolve_device(name: str) -> torch.device:

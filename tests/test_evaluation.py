@@ -52,3 +52,9 @@ def test_evaluate_cli_records_results(tmp_path, capsys):
     record_result(results, {"name": "tiny", "accuracy": 0.25})  # replaces, not appends
     rows = {r["name"]: r for r in read_results(results)}
     assert set(rows) == {"tiny", "other"} and rows["tiny"]["accuracy"] == "0.25"
+
+
+def test_record_result_writes_none_as_empty(tmp_path):
+    path = tmp_path / "r.csv"
+    record_result(path, {"name": "a", "coarse_steps": None, "accuracy": 0.5})
+    assert read_results(path)[0]["coarse_steps"] == ""

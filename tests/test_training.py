@@ -62,3 +62,11 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 3 and not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_config_comments_are_the_cli_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 disables the min-SNR weighting (default: 5.0)" in text
+    assert "--resume go on from OUT/checkpoint.pt" in text
