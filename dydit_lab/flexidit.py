@@ -519,7 +519,7 @@ class FlexiFinetuneConfig:
     batch_size: int = 64
     lr: float = 1e-4  # shared (parent) weights
     new_lr: float = 1e-3  # the new embedding / de-embedding layers start from a resize
-    train: str = "all"  # all: every weight; new: only the new layers (transformer frozen)
+    train: str = "all"  # all: every weight; new: only the new layers (transformer frozen, every batch coarse)
     resize: str = "bilinear"  # PI-resize operator: bilinear (FlexiViT) or nearest
     pos: str = "center"  # coarse positions: center (sin-cos at patch centres) or grid
     uniform_timesteps: bool = False  # default: stratified over four equal bands
@@ -571,8 +571,6 @@ def flexi_finetune(cfg: FlexiFinetuneConfig) -> Path:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_NAME
-    if not cfg.resume and ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or pick another --out")
     parent = _load_parent(cfg.parent)
     teacher = None
     if cfg.distill_weight > 0:
@@ -607,8 +605,10 @@ def flexi_finetune(cfg: FlexiFinetuneConfig) -> Path:
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"flexi-finetune p={model.patch_size}/{q}")
     last_save = time.time()
+    # With the transformer frozen a native batch has nothing to train: every batch is coarse.
+    p_coarse = 1.0 if cfg.train == "new" else cfg.p_coarse
     while step < cfg.steps:
-        coarse = bool(torch.rand((), generator=gen) < cfg.p_coarse)
+        coarse = bool(torch.rand((), generator=gen) < p_coarse)
         patch = q if coarse else model.patch_size
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).to(device)
         x0, y = images[idx], labels[idx]

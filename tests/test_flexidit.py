@@ -373,6 +373,14 @@ def test_flexi_finetune_new_layers_only_with_distillation(parent, tmp_path):
     assert [r["patch"] for r in rows] == ["16"] * 3 and all(float(r["distill"]) > 0 for r in rows)
 
 
+def test_flexi_finetune_new_layers_only_trains_coarse_batches_only(parent, tmp_path):
+    # p_coarse < 1 with a frozen transformer: native batches would have nothing to train.
+    cfg = FlexiFinetuneConfig(parent=str(parent), out=str(tmp_path / "new"), steps=4, batch_size=2,
+                              p_coarse=0.5, train="new", device="cpu")
+    flexi_finetune(cfg)
+    assert [r["patch"] for r in _rows(tmp_path / "new" / "log.csv")] == ["16"] * 4
+
+
 def test_flexi_finetune_cli(parent, tmp_path, capsys):
     main(["flexi-finetune", "--parent", str(parent), "--out", str(tmp_path / "cli"), "--steps", "2",
           "--batch-size", "2", "--device", "cpu", "--p-coarse", "1.0"])
