@@ -150,11 +150,13 @@ def generate(model, num_samples: int, steps: int = 50, method: str = "ddim", cfg
 # ---------------------------------------------------------------------------
 
 
-def sampling_gflops(model, steps: int, method: str = "ddim", device="cpu") -> float:
-    """Mean GFLOPs per image per sampling step of ``model`` as it will be sampled.
+def sampling_cost(model, steps: int, method: str = "ddim", device="cpu") -> dict:
+    """What one sampling step of ``model`` costs per image, as it will be sampled.
 
-    A static DiT: the analytic count. A DyDiT: the routing it actually uses over a sampling
-    run. A FlexiDiT behind a :class:`~dydit_lab.flexidit.PatchSchedule`: the exact mix of
+    ``gflops_per_step`` (mean over the run) and ``flops_fraction`` of the static parent. A
+    static DiT: the analytic count. A DyDiT: the routing it actually uses over a sampling run,
+    plus ``block_flops_fraction`` (attention + MLP only, what its fine-tuning constrains to
+    lambda). A FlexiDiT behind a :class:`~dydit_lab.flexidit.PatchSchedule`: the exact mix of
     coarse and native steps.
     """
     from .dydit import DyDiT
@@ -162,12 +164,13 @@ def sampling_gflops(model, steps: int, method: str = "ddim", device="cpu") -> fl
     from .flops import analytic_flops, sampling_flops
 
     if isinstance(model, PatchSchedule):
-        return schedule_flops(model.model.config, model.coarse_patch, model.coarse_steps,
-                              model.total_steps)["gflops_per_image_step"]
+        run = schedule_flops(model.model.config, model.coarse_patch, model.coarse_steps, model.total_steps)
+        return {"gflops_per_step": run["gflops_per_image_step"], "flops_fraction": run["flops_fraction"]}
     if isinstance(model, DyDiT):
-        return sampling_flops(model, steps=steps, method=method, device=device,
-                              progress=False)["gflops_per_image_step"]
-    return analytic_flops(model.config)["total"] / 1e9
+        run = sampling_flops(model, steps=steps, method=method, device=device, progress=False)
+        return {k: run[k] for k in ("flops_fraction", "block_flops_fraction")} | {
+            "gflops_per_step": run["gflops_per_image_step"]}
+    return {"gflops_per_step": analytic_flops(model.config)["total"] / 1e9, "flops_fraction": 1.0}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: int = 50,
@@ -177,7 +180,7 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
     """Sample from a checkpoint (DiT, DyDiT or FlexiDiT) and measure what it costs.
 
     Returns the quality metrics (``accuracy``, ``fd_lenet``), the compute
-    (``gflops_per_step``, ``gflops_per_image`` = per step x steps) and the measured sampling
+    (:func:`sampling_cost`, and ``gflops_per_image`` = per step x steps) and the measured sampling
     wall-clock ``seconds_per_image`` (generation only, at the evaluator's batch size, with the
     current torch thread count in ``threads``). ``coarse_steps`` k runs a FlexiDiT with its
     first k of ``steps`` steps at the coarse patch.
@@ -201,15 +204,15 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    gflops = sampling_gflops(model, steps, method, device)
+    cost = sampling_cost(model, steps, method, device)
     saved = read_checkpoint(checkpoint)
     recorded = saved.get("args") if isinstance(saved.get("args"), dict) else {}
     return {
         "checkpoint": str(checkpoint), "train_steps": saved.get("step", recorded.get("step")),
         "steps": steps, "method": method, "cfg_scale": cfg_scale, "num_samples": num_samples,
-        "coarse_steps": coarse_steps, "gflops_per_step": gflops,
+        "coarse_steps": coarse_steps, **cost,
         # classifier-free guidance runs the conditional and unconditional halves each step
-        "gflops_per_image": gflops * steps * (1 if cfg_scale == 1 else 2),
+        "gflops_per_image": cost["gflops_per_step"] * steps * (1 if cfg_scale == 1 else 2),
         "seconds_per_image": seconds / num_samples, "device": device.type,
         "threads": torch.get_num_threads(), **evaluator.score(samples, labels),
     }

@@ -376,10 +376,13 @@ def sampling_flops(model, steps: int = 50, num_samples: int = 20, method: str = 
     per_step = [r.macs(cfg).mean().item() for r in recorder.records]
     timesteps = [int(r.t[0]) for r in recorder.records]
     mean = sum(per_step) / len(per_step)
+    # The quantity the fine-tuning loss constrains to lambda (attention + MLP of the blocks).
+    block = sum(r.block_flops_fraction(cfg).mean().item() for r in recorder.records) / len(recorder.records)
     return {
         "arch": model.arch, "steps": steps, "num_samples": num_samples, "method": method,
         "cfg_scale": cfg_scale, "gflops_per_image_step": mean / 1e9,
         "static_gflops": static / 1e9, "flops_fraction": mean / static,
+        "block_flops_fraction": block,
         "per_step_timesteps": timesteps,
         "per_step_fraction": [f / static for f in per_step],
         "per_step_heads": [r.heads.mean().item() for r in recorder.records],
