@@ -73,7 +73,8 @@ def cmd_evaluate(args):
     else:
         metrics = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, steps=args.steps,
                                       method=args.method, cfg_scale=args.cfg_scale, seed=args.seed,
-                                      coarse_steps=args.coarse_steps, evaluator=evaluator,
+                                      coarse_steps=args.coarse_steps, complete_model=args.complete_model,
+                                      evaluator=evaluator,
                                       device=device)
     print(json.dumps(metrics))
     if args.results:
@@ -88,7 +89,8 @@ def cmd_compare(args):
 
     table = compare_strategies(args.only, num_samples=args.num_samples, seed=args.seed,
                                checkpoint_dir=args.checkpoint_dir, results=args.results,
-                               device=resolve_device(args.device))
+                               timing_rounds=args.timing_rounds, timing_samples=args.timing_samples,
+                               quality=not args.timing_only, device=resolve_device(args.device))
     columns = ["name", "gflops_per_image", "seconds_per_image", "fd_lenet", "accuracy"]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
@@ -210,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coarse-steps", type=int,
                    help="FlexiDiT only: run the first k of --steps steps at the coarse patch")
+    p.add_argument("--complete-model", action="store_true",
+                   help="DyDiT only: every head, group and token on (the fine-tuned weights at full cost)")
     p.add_argument("--device", default="auto")
     p.add_argument("--results", help="append the metrics to this CSV (e.g. data/results.csv)")
     p.add_argument("--name", help="row name in --results (default: the checkpoint path)")
@@ -220,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="*", help="strategy names or families (default: all)")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing-rounds", type=int, default=3, help="round-robin timing passes (median)")
+    p.add_argument("--timing-samples", type=int, default=100, help="images per timed sampling run")
+    p.add_argument("--timing-only", action="store_true", help="re-time the existing rows, keep their quality")
     p.add_argument("--checkpoint-dir", default="data/checkpoints")
     p.add_argument("--results", default="data/results.csv")
     p.add_argument("--device", default="auto")

@@ -173,17 +173,31 @@ def sampling_cost(model, steps: int, method: str = "ddim", device="cpu") -> dict
     return {"gflops_per_step": analytic_flops(model.config)["total"] / 1e9, "flops_fraction": 1.0}
 
 
+class CompleteModel(torch.nn.Module):
+    """A DyDiT with every head, group and token on (its routers bypassed): the control that
+    separates what fine-tuning did to the weights from what the routing costs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config, self.num_classes, self.in_channels = model.config, model.num_classes, model.in_channels
+
+    def forward(self, x, t, y):
+        return self.model(x, t, y, complete_model=True)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: int = 50,
                         method: str = "ddim", cfg_scale: float = 1.0, seed: int = 0,
-                        coarse_steps: int | None = None, evaluator: SampleEvaluator | None = None,
-                        device="cpu", progress: bool = True) -> dict:
+                        coarse_steps: int | None = None, complete_model: bool = False,
+                        evaluator: SampleEvaluator | None = None, device="cpu", progress: bool = True) -> dict:
     """Sample from a checkpoint (DiT, DyDiT or FlexiDiT) and measure what it costs.
 
     Returns the quality metrics (``accuracy``, ``fd_lenet``), the compute
     (:func:`sampling_cost`, and ``gflops_per_image`` = per step x steps) and the measured sampling
     wall-clock ``seconds_per_image`` (generation only, at the evaluator's batch size, with the
     current torch thread count in ``threads``). ``coarse_steps`` k runs a FlexiDiT with its
-    first k of ``steps`` steps at the coarse patch.
+    first k of ``steps`` steps at the coarse patch; ``complete_model`` runs a DyDiT with every
+    gate on (static cost).
     """
     import time
 
@@ -198,6 +212,13 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
             raise ValueError(f"--coarse-steps needs a FlexiDiT checkpoint; {checkpoint} holds a "
                              f"{type(model).__name__}")
         model = scheduled_model(model, coarse_steps, steps)
+    if complete_model:
+        from .dydit import DyDiT
+
+        if not isinstance(model, DyDiT):
+            raise ValueError(f"--complete-model needs a DyDiT checkpoint; {checkpoint} holds a "
+                             f"{type(model).__name__}")
+        model = CompleteModel(model)
     start = time.perf_counter()
     samples, labels = generate(model, num_samples, steps=steps, method=method, cfg_scale=cfg_scale,
                                seed=seed, device=device, progress=progress)

@@ -204,6 +204,8 @@ def quality_vs_flops_figure(results: str | Path = DATA_DIR / "results.csv"):
     """FD-LeNet and class accuracy of every evaluated model vs its GFLOPs per sampling step."""
     table = pd.read_csv(results)
     table = table[table["name"] != "real-val"].dropna(subset=["gflops_per_step", "fd_lenet"])
+    if "strategy" in table.columns:  # notebook 05's strategy sweep has its own figure
+        table = table[table["strategy"].isna()]
     if table.empty:
         raise FileNotFoundError(f"{results} has no evaluated models with GFLOPs")
     return plot_quality_vs_flops(table), table

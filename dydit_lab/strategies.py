@@ -61,31 +61,90 @@ def select(names: list[str] | None = None) -> list[Strategy]:
     return [s for s in STRATEGIES if s.name in names or s.family in names]
 
 
+def _sampler(strategy: Strategy, checkpoint_dir: Path, device):
+    from .checkpoints import load_model
+    from .flexidit import scheduled_model
+
+    model = load_model(checkpoint_dir / strategy.checkpoint, device=device)
+    if strategy.coarse_steps is not None:
+        model = scheduled_model(model, strategy.coarse_steps, strategy.steps)
+    return model
+
+
+def time_strategies(chosen: list[Strategy], checkpoint_dir: str | Path = CHECKPOINT_DIR, rounds: int = 3,
+                    num_samples: int = 100, device="cpu", progress: bool = True) -> dict[str, float]:
+    """Median sampling seconds per image of each strategy, measured round-robin.
+
+    A shared machine drifts over minutes; timing every strategy once per round, interleaved,
+    and taking the median over rounds keeps that drift out of the comparison (timing each
+    strategy in one block, one after another, put two identical workloads 1.5x apart here).
+    """
+    import time
+
+    import torch
+
+    from .evaluation import generate
+
+    models = {s.name: _sampler(s, Path(checkpoint_dir), device) for s in chosen}
+    times: dict[str, list[float]] = {s.name: [] for s in chosen}
+    for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress):
+        for s in chosen:
+            start = time.perf_counter()
+            generate(models[s.name], num_samples, steps=s.steps, batch_size=num_samples, device=device,
+                     progress=False)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            times[s.name].append((time.perf_counter() - start) / num_samples)
+    return {name: float(torch.tensor(v).median()) for name, v in times.items()}
+
+
 def compare_strategies(names: list[str] | None = None, num_samples: int = 1000, seed: int = 0,
                        checkpoint_dir: str | Path = CHECKPOINT_DIR, results: str | Path | None = RESULTS,
+                       timing_rounds: int = 3, timing_samples: int = 100, quality: bool = True,
                        device="cpu", progress: bool = True) -> pd.DataFrame:
     """Evaluate each selected strategy; upsert rows into ``results`` (None: don't write).
 
-    Wall-clock is only comparable between rows measured on the same, otherwise idle
-    machine with the same thread count (recorded in ``threads``).
+    Quality and compute come from :func:`~dydit_lab.evaluation.evaluate_checkpoint`
+    (``num_samples`` each, same seeds); ``seconds_per_image`` is then replaced by the
+    round-robin median of :func:`time_strategies`. ``quality=False`` only re-times the
+    strategies and updates their existing rows. Wall-clock is only comparable between rows
+    timed together (same machine, same thread count, recorded in ``threads``).
     """
-    from .results import record_result
+    import torch
+
+    from .results import read_results, record_result
 
     chosen = select(names)
     missing = sorted({s.checkpoint for s in chosen if not (Path(checkpoint_dir) / s.checkpoint).exists()})
     if missing:
         raise FileNotFoundError(f"missing checkpoints in {checkpoint_dir}: {missing} (README, 'Lab models')")
-    evaluator = SampleEvaluator.from_default(device=device)
-    rows = []
-    for strategy in tqdm(chosen, desc="strategies", disable=not progress):
-        metrics = evaluate_checkpoint(Path(checkpoint_dir) / strategy.checkpoint, num_samples=num_samples,
-                                      steps=strategy.steps, seed=seed, coarse_steps=strategy.coarse_steps,
-                                      evaluator=evaluator, device=device, progress=False)
-        row = {"name": strategy.name, "strategy": strategy.family, "setting": strategy.setting, **metrics}
+    if quality:
+        evaluator = SampleEvaluator.from_default(device=device)
+        rows = []
+        for strategy in tqdm(chosen, desc="strategies", disable=not progress):
+            metrics = evaluate_checkpoint(Path(checkpoint_dir) / strategy.checkpoint, num_samples=num_samples,
+                                          steps=strategy.steps, seed=seed, coarse_steps=strategy.coarse_steps,
+                                          evaluator=evaluator, device=device, progress=False)
+            rows.append({"name": strategy.name, "strategy": strategy.family, "setting": strategy.setting,
+                         **metrics})
+    else:
+        if results is None:
+            raise ValueError("quality=False updates existing rows: give results")
+        existing = {r["name"]: r for r in read_results(results)}
+        absent = [s.name for s in chosen if s.name not in existing]
+        if absent:
+            raise ValueError(f"no rows to re-time for {absent} in {results}: run with quality first")
+        rows = [existing[s.name] for s in chosen]
+    seconds = time_strategies(chosen, checkpoint_dir, timing_rounds, timing_samples, device, progress)
+    for row in rows:
+        row.update(seconds_per_image=seconds[row["name"]], timing_rounds=timing_rounds,
+                   threads=torch.get_num_threads())
         if results is not None:
             record_result(results, row)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    numeric = ["gflops_per_image", "seconds_per_image", "fd_lenet", "accuracy"]
+    table[numeric] = table[numeric].apply(pd.to_numeric)
+    return table
 
 
 def strategy_table(results: str | Path = RESULTS) -> pd.DataFrame:

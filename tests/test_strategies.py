@@ -64,8 +64,8 @@ def test_compare_writes_rows_and_the_figure_reads_them(checkpoints, tmp_path):
     results = tmp_path / "results.csv"
     names = ["static: 10 steps", "static: 20 steps", "DyDiT: lambda = 0.5", "FlexiDiT: k = 24 of 50 coarse"]
     table = compare_strategies(names, num_samples=10, checkpoint_dir=checkpoints, results=results,
-                               progress=False)
-    assert list(table["name"]) == names
+                               timing_rounds=2, timing_samples=4, progress=False)
+    assert list(table["name"]) == names and (table["seconds_per_image"] > 0).all()
     rows = strategy_table(results)
     assert set(rows["strategy"]) == {"static", "DyDiT", "FlexiDiT"}
     static = rows[rows["strategy"] == "static"].set_index("setting")
@@ -76,13 +76,23 @@ def test_compare_writes_rows_and_the_figure_reads_them(checkpoints, tmp_path):
     fig, shown = dynamic_strategies_figure(results)
     assert len(fig.axes) == 4 and len(shown) == 4
     assert fig.axes[0].get_xlabel().startswith("GFLOPs per image")
+    # Re-timing keeps the quality columns and replaces only the timing.
+    before = strategy_table(results).set_index("name")
+    compare_strategies(names[:2], checkpoint_dir=checkpoints, results=results, timing_rounds=1,
+                       timing_samples=4, quality=False, progress=False)
+    after = strategy_table(results).set_index("name")
+    assert (after["fd_lenet"] == before["fd_lenet"]).all() and (after.loc[names[:2], "timing_rounds"] == 1).all()
+    with pytest.raises(ValueError, match="run with quality first"):
+        compare_strategies(["static: 30 steps"], checkpoint_dir=checkpoints, results=results, quality=False,
+                           progress=False)
 
 
 def test_compare_cli(checkpoints, tmp_path, capsys):
     from dydit_lab.cli import main
 
     main(["compare", "--only", "static: 10 steps", "--num-samples", "10", "--checkpoint-dir", str(checkpoints),
-          "--results", str(tmp_path / "r.csv"), "--device", "cpu"])
+          "--results", str(tmp_path / "r.csv"), "--device", "cpu", "--timing-rounds", "1",
+          "--timing-samples", "4"])
     assert "static: 10 steps" in capsys.readouterr().out
     assert list(strategy_table(tmp_path / "r.csv")["name"]) == ["static: 10 steps"]
 
@@ -104,3 +114,17 @@ def test_flops_tables():
     assert table.loc["DiT-lab-L", "gflops"] / table.loc["DiT-lab-S", "gflops"] > 5
     flexi = figures.flexidit_schedule_table()
     assert flexi["flops_fraction"].iloc[0] == 1 and flexi["flops_fraction"].is_monotonic_decreasing
+
+
+def test_complete_model_evaluation_of_a_dydit(checkpoints, evaluator):
+    full = evaluate_checkpoint(checkpoints / "DyDiT-lab-L-0.5.pt", num_samples=10, steps=2, complete_model=True,
+                               evaluator=evaluator, progress=False)
+    static = analytic_flops(dydit_lab.create_model("DiT-lab-T").config)["total"] / 1e9
+    assert full["gflops_per_step"] == pytest.approx(static) and full["flops_fraction"] == 1.0
+    # Routers start all-on, so the converted model and its complete model sample the same digits.
+    routed = evaluate_checkpoint(checkpoints / "DyDiT-lab-L-0.5.pt", num_samples=10, steps=2,
+                                 evaluator=evaluator, progress=False)
+    assert routed["fd_lenet"] == pytest.approx(full["fd_lenet"], rel=1e-4)
+    with pytest.raises(ValueError, match="DyDiT"):
+        evaluate_checkpoint(checkpoints / "DiT-lab-L.pt", num_samples=4, steps=2, complete_model=True,
+                            evaluator=evaluator, progress=False)
