@@ -137,8 +137,11 @@ def router_schedules_figure(traces: dict | None = None, device="cpu"):
         plot_token_keep(trace, ax=row[2])
     plot_flops_per_step(list(traces.values()), ax=grid[-1][0])
     plot_width_curves(list(traces.values()), ax=grid[-1][1])
-    plot_token_map(next(iter(traces.values())), step=len(next(iter(traces.values())).timesteps) // 2,
-                   sample=0, layer=0, ax=grid[-1][2])
+    first = next(iter(traces.values()))
+    # Show the block and step where SDT skips the most tokens: the informative token map.
+    keep = first.tokens.float().mean(dim=(1, 3))  # (steps, blocks)
+    step, layer = divmod(int(keep.argmin()), keep.shape[1])
+    plot_token_map(first, step=step, sample=0, layer=layer, ax=grid[-1][2])
     table = pd.DataFrame([{
         "model": name, "flops_fraction": t.mean_flops_fraction,
         "heads_active": float(t.heads.float().mean()), "groups_active": float(t.groups.float().mean()),
@@ -167,7 +170,7 @@ def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
     if not rows:
         raise FileNotFoundError(f"no benchmark results in {bench_dir}: run python -m dydit_lab bench")
     keep = ["arch", "device", "batch_size", "target_ratio", "flops_ratio", "static_seconds",
-            "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup", "threads"]
+            "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup", "num_threads"]
     df = pd.DataFrame(rows)
     return df[[c for c in keep if c in df.columns]]
 
@@ -204,8 +207,8 @@ def quality_vs_flops_figure(results: str | Path = DATA_DIR / "results.csv"):
     """FD-LeNet and class accuracy of every evaluated model vs its GFLOPs per sampling step."""
     table = pd.read_csv(results)
     table = table[table["name"] != "real-val"].dropna(subset=["gflops_per_step", "fd_lenet"])
-    if "strategy" in table.columns:  # notebook 05's strategy sweep has its own figure
-        table = table[table["strategy"].isna()]
+    if "strategy" in table.columns:  # of notebook 05's sweep, only the DyDiT checkpoints belong here
+        table = table[table["strategy"].isna() | (table["strategy"] == "DyDiT")]
     if table.empty:
         raise FileNotFoundError(f"{results} has no evaluated models with GFLOPs")
     return plot_quality_vs_flops(table), table
