@@ -45,7 +45,7 @@ class FinetuneConfig:
     flops_weight: float = 2.0  # w in w * (FLOPs fraction - target)^2
     complete_model_loss: bool = True  # also train the all-on model on the same weights
     min_snr_gamma: float = 5.0
-    ema_decay: float = 0.995  # short run: a short EMA window
+    ema_decay: float = 0.995  # kept, but export the online weights: an EMA of router weights routes differently
     grad_clip: float = 1.0
     seed: int = 0
     ckpt_minutes: float = 4.0
