@@ -186,6 +186,42 @@ class CompleteModel(torch.nn.Module):
         return self.model(x, t, y, complete_model=True)
 
 
+def sampling_model(checkpoint: str | Path, steps: int = 50, coarse_steps: int | None = None,
+                   complete_model: bool = False, device="cpu", saved: dict | None = None):
+    """The model to sample a checkpoint with: as loaded, or a FlexiDiT whose first
+    ``coarse_steps`` of ``steps`` run coarse, or a DyDiT with every gate on.
+
+    ``saved``: the checkpoint already read from ``checkpoint``, so it is not read twice.
+    """
+    from .checkpoints import load_model
+    from .dydit import DyDiT
+    from .flexidit import FlexiDiT, scheduled_model
+
+    model = load_model(checkpoint if saved is None else saved, device=device)
+    if coarse_steps is not None:
+        if not isinstance(model, FlexiDiT):
+            raise ValueError(f"--coarse-steps needs a FlexiDiT checkpoint; {checkpoint} holds a "
+                             f"{type(model).__name__}")
+        model = scheduled_model(model, coarse_steps, steps)
+    if complete_model:
+        if not isinstance(model, DyDiT):
+            raise ValueError(f"--complete-model needs a DyDiT checkpoint; {checkpoint} holds a "
+                             f"{type(model).__name__}")
+        model = CompleteModel(model)
+    return model
+
+
+def timed_generate(model, num_samples: int, steps: int = 50, device="cpu", **options):
+    """:func:`generate`, plus its wall-clock seconds per image (CUDA work waited for)."""
+    import time
+
+    start = time.perf_counter()
+    samples, labels = generate(model, num_samples, steps=steps, device=device, **options)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return samples, labels, (time.perf_counter() - start) / num_samples
+
+
 def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: int = 50,
                         method: str = "ddim", cfg_scale: float = 1.0, seed: int = 0,
                         coarse_steps: int | None = None, complete_model: bool = False,
@@ -195,38 +231,18 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
     Returns the quality metrics (``accuracy``, ``fd_lenet``), the compute
     (:func:`sampling_cost`, and ``gflops_per_image`` = per step x steps) and the measured sampling
     wall-clock ``seconds_per_image`` (generation only, at the evaluator's batch size, with the
-    current torch thread count in ``threads``). ``coarse_steps`` k runs a FlexiDiT with its
-    first k of ``steps`` steps at the coarse patch; ``complete_model`` runs a DyDiT with every
-    gate on (static cost).
+    current torch thread count in ``threads``). ``coarse_steps`` and ``complete_model``: see
+    :func:`sampling_model`.
     """
-    import time
-
-    from .checkpoints import load_model, read_checkpoint
-    from .flexidit import FlexiDiT, scheduled_model
+    from .checkpoints import read_checkpoint
 
     device = torch.device(device)
     evaluator = evaluator or SampleEvaluator.from_default(device=device)
-    model = load_model(checkpoint, device=device)
-    if coarse_steps is not None:
-        if not isinstance(model, FlexiDiT):
-            raise ValueError(f"--coarse-steps needs a FlexiDiT checkpoint; {checkpoint} holds a "
-                             f"{type(model).__name__}")
-        model = scheduled_model(model, coarse_steps, steps)
-    if complete_model:
-        from .dydit import DyDiT
-
-        if not isinstance(model, DyDiT):
-            raise ValueError(f"--complete-model needs a DyDiT checkpoint; {checkpoint} holds a "
-                             f"{type(model).__name__}")
-        model = CompleteModel(model)
-    start = time.perf_counter()
-    samples, labels = generate(model, num_samples, steps=steps, method=method, cfg_scale=cfg_scale,
-                               seed=seed, device=device, progress=progress)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    cost = sampling_cost(model, steps, method, device)
     saved = read_checkpoint(checkpoint)
+    model = sampling_model(checkpoint, steps, coarse_steps, complete_model, device, saved=saved)
+    samples, labels, seconds = timed_generate(model, num_samples, steps=steps, method=method,
+                                              cfg_scale=cfg_scale, seed=seed, device=device, progress=progress)
+    cost = sampling_cost(model, steps, method, device)
     recorded = saved.get("args") if isinstance(saved.get("args"), dict) else {}
     return {
         "checkpoint": str(checkpoint), "train_steps": saved.get("step", recorded.get("step")),
@@ -234,6 +250,6 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
         "coarse_steps": coarse_steps, **cost,
         # classifier-free guidance runs the conditional and unconditional halves each step
         "gflops_per_image": cost["gflops_per_step"] * steps * (1 if cfg_scale == 1 else 2),
-        "seconds_per_image": seconds / num_samples, "device": device.type,
+        "seconds_per_image": seconds, "device": device.type,
         "threads": torch.get_num_threads(), **evaluator.score(samples, labels),
     }

@@ -24,9 +24,8 @@ from .plotting import (plot_flops_per_step, plot_loss_curves, plot_loss_maps, pl
                        plot_sample_grid, plot_speedup_vs_batch, plot_speedup_vs_ratio, plot_strategies,
                        plot_token_keep, plot_token_map, plot_width_curves, plot_width_heatmap,
                        save_figure)
-from .strategies import strategy_table
+from .strategies import CHECKPOINT_DIR, strategy_table
 
-CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 FIGURES_DIR = DATA_DIR.parent / "figures"
 LAB_MODELS = ("DiT-lab-S", "DiT-lab-L")
 REGENERATE = {
@@ -235,15 +234,12 @@ SAMPLE_STRATEGIES = ("static: 50 steps", "static: 20 steps", "DyDiT: lambda = 0.
 
 def strategy_samples_figure(names=SAMPLE_STRATEGIES, num: int = 20, seed: int = 0, device="cpu"):
     """Digits 0-9 (``num`` // 10 each) from each named strategy, same seed and noise for all."""
-    from .flexidit import scheduled_model
     from .strategies import select
 
     chosen = select(list(names))
     fig, axes = plt.subplots(len(chosen), 1, figsize=(8, 1.9 * len(chosen) * num / 20), layout="constrained")
     for ax, strategy in zip(list(axes) if len(chosen) > 1 else [axes], chosen):
-        model = load_model(CHECKPOINT_DIR / strategy.checkpoint, device=device)
-        if strategy.coarse_steps is not None:
-            model = scheduled_model(model, strategy.coarse_steps, strategy.steps)
+        model = strategy.model(CHECKPOINT_DIR, device)
         samples, labels = generate(model, num, steps=strategy.steps, seed=seed, device=device, progress=False)
         plot_sample_grid(samples, labels, nrow=10, ax=ax, title=strategy.name)
     return fig

@@ -262,7 +262,8 @@ class FlexiDiT(DiT):
             self.flex_size_embed[str(q)].zero_()
 
     def new_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters the parent DiT does not have (embedders, final linears)."""
+        """The trainable parameters the parent DiT does not have (embedders, final linears,
+        patch-size tokens)."""
         return [p for n, p in self.named_parameters() if n.startswith(FLEX_PREFIX) and p.requires_grad]
 
     def _resolve_patch(self, patch_size: int | None) -> int:

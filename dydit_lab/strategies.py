@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .evaluation import DATA_DIR, SampleEvaluator, evaluate_checkpoint
+from .evaluation import DATA_DIR, SampleEvaluator, evaluate_checkpoint, sampling_model, timed_generate
 
 CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 RESULTS = DATA_DIR / "results.csv"
@@ -40,6 +40,11 @@ class Strategy:
     @property
     def name(self) -> str:
         return f"{self.family}: {self.setting}"
+
+    def model(self, checkpoint_dir: str | Path = CHECKPOINT_DIR, device="cpu"):
+        """The model to sample this strategy with (see :func:`~dydit_lab.evaluation.sampling_model`)."""
+        return sampling_model(Path(checkpoint_dir) / self.checkpoint, self.steps, self.coarse_steps,
+                              device=device)
 
 
 STRATEGIES: tuple[Strategy, ...] = (
@@ -61,16 +66,6 @@ def select(names: list[str] | None = None) -> list[Strategy]:
     return [s for s in STRATEGIES if s.name in names or s.family in names]
 
 
-def _sampler(strategy: Strategy, checkpoint_dir: Path, device):
-    from .checkpoints import load_model
-    from .flexidit import scheduled_model
-
-    model = load_model(checkpoint_dir / strategy.checkpoint, device=device)
-    if strategy.coarse_steps is not None:
-        model = scheduled_model(model, strategy.coarse_steps, strategy.steps)
-    return model
-
-
 def time_strategies(chosen: list[Strategy], checkpoint_dir: str | Path = CHECKPOINT_DIR, rounds: int = 3,
                     num_samples: int = 100, device="cpu", progress: bool = True) -> dict[str, float]:
     """Median sampling seconds per image of each strategy, measured round-robin.
@@ -79,22 +74,15 @@ def time_strategies(chosen: list[Strategy], checkpoint_dir: str | Path = CHECKPO
     and taking the median over rounds keeps that drift out of the comparison (timing each
     strategy in one block, one after another, put two identical workloads 1.5x apart here).
     """
-    import time
-
     import torch
 
-    from .evaluation import generate
-
-    models = {s.name: _sampler(s, Path(checkpoint_dir), device) for s in chosen}
+    models = {s.name: s.model(checkpoint_dir, device) for s in chosen}
     times: dict[str, list[float]] = {s.name: [] for s in chosen}
     for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress):
         for s in chosen:
-            start = time.perf_counter()
-            generate(models[s.name], num_samples, steps=s.steps, batch_size=num_samples, device=device,
-                     progress=False)
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-            times[s.name].append((time.perf_counter() - start) / num_samples)
+            *_, seconds = timed_generate(models[s.name], num_samples, steps=s.steps, device=device,
+                                         batch_size=num_samples, progress=False)
+            times[s.name].append(seconds)
     return {name: float(torch.tensor(v).median()) for name, v in times.items()}
 
 
