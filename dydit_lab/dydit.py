@@ -235,6 +235,14 @@ class DyDiT(DiT):
     def router_parameters(self):
         return [p for n, p in self.named_parameters() if _is_router_key(n)]
 
+    def set_gumbel_noise(self, scale: float) -> None:
+        """Scale the routers' training-time Gumbel noise (1: the official gates, 0: route as in eval)."""
+        if not 0 <= scale <= 1:
+            raise ValueError(f"Gumbel noise scale must be in [0, 1], got {scale}")
+        for block in self.blocks:
+            for router in (block.attn_rate, block.mlp_rate, block.token_selection):
+                router.noise_scale = scale
+
     def clear_slice_cache(self) -> None:
         for block in self.blocks:
             block._slice_cache.clear()

@@ -1,10 +1,13 @@
 """FLOPs-constrained fine-tuning of a trained DiT into a DyDiT.
 
 loss = diffusion loss of the dynamic model
-     + (optionally) diffusion loss of the complete model on the same weights
+     + diffusion loss of the complete model on the same weights (first ``complete_model_steps`` only)
      + flops_weight * (batch-mean FLOPs fraction - target)^2,
 with the target held at 1 for ``hold_steps``, then annealed linearly to ``target_ratio`` by
 ``anneal_steps``, and timesteps stratified over the four quarters of [0, 1000).
+
+The two stages follow the official release: its first stage co-trains the complete model, its
+second trains the dynamic model alone.
 
 ``python -m dydit_lab finetune --parent data/checkpoints/DiT-lab-L.pt --target-ratio 0.5 --out runs/dydit-L-0.5``
 """
@@ -43,7 +46,9 @@ class FinetuneConfig:
     tdw_init_bias: float = 15.0  # official value
     sdt_init_bias: float = 5.0  # official 35 suits 200k steps; SDT could not move in ours
     flops_weight: float = 2.0  # w in w * (FLOPs fraction - target)^2
-    complete_model_loss: bool = True  # also train the all-on model on the same weights
+    complete_model_steps: int = 1200  # co-train the all-on model for the first N steps (official stage 1)
+    noise_off_step: int = 0  # Gumbel noise fades from anneal_steps to 0 here, then gates as in sampling (0: never)
+    router_objective: str = "absolute"  # relative: routers weigh each t's loss by 1 / the parent's loss there; absolute: official
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.995  # kept, but export the online weights: an EMA of router weights routes differently
     grad_clip: float = 1.0
@@ -61,6 +66,48 @@ def target_at(step: int, cfg: FinetuneConfig) -> float:
     return 1.0 - (1.0 - cfg.target_ratio) * progress
 
 
+def gumbel_noise_at(step: int, cfg: FinetuneConfig) -> float:
+    """Router noise scale: 1 until the FLOPs target is reached, then linear to 0 at ``noise_off_step``.
+
+    With noise, a gate is on with probability sigmoid(logit); sampling switches it on whenever
+    the logit is positive. Fading the noise makes the last steps train (and constrain the FLOPs
+    of) the routing that sampling will use.
+    """
+    if not cfg.noise_off_step:
+        return 1.0
+    span = max(1, cfg.noise_off_step - cfg.anneal_steps)
+    return min(1.0, max(0.0, (cfg.noise_off_step - step) / span))
+
+
+PROFILE_BINS = 20
+
+
+@torch.no_grad()
+def loss_profile(model: DyDiT, diffusion: GaussianDiffusion, images, labels, generator: torch.Generator,
+                 samples_per_bin: int = 256) -> torch.Tensor:
+    """The complete model's mean noise-prediction MSE in each of ``PROFILE_BINS`` equal bins of t."""
+    was_training = model.training
+    model.eval()
+    per_bin = diffusion.num_timesteps // PROFILE_BINS
+    profile = []
+    for b in range(PROFILE_BINS):
+        idx = torch.randint(len(images), (samples_per_bin,), generator=generator).to(images.device)
+        t = (b * per_bin + torch.randint(per_bin, (samples_per_bin,), generator=generator)).to(images.device)
+        noise = torch.randn(images[idx].shape, generator=generator).to(images.device)
+        out = model(diffusion.q_sample(images[idx], t, noise), t, labels[idx], complete_model=True)
+        profile.append(diffusion.losses_from_output(out, images[idx], None, t, noise)["mse"].mean())
+    model.train(was_training)
+    return torch.stack(profile)
+
+
+def relative_weights(t: torch.Tensor, profile: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """Per-sample weights mean(profile) / profile[bin of t]: an x % loss increase costs the same at
+    every t. The absolute noise-prediction loss at t > 500 is ~100x smaller than at small t, so
+    routers that trade FLOPs against it starve the noisy steps, where the digit takes shape."""
+    bins = (t * len(profile) // num_timesteps).clamp(max=len(profile) - 1)
+    return profile.mean() / profile.to(t.device)[bins]
+
+
 def stratified_timesteps(batch: int, num_timesteps: int, generator: torch.Generator) -> torch.Tensor:
     """Equal shares of the batch from each quarter of [0, T), so every noise level is present."""
     quarter = num_timesteps // 4
@@ -72,6 +119,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
     """Fine-tune (or resume) and return the checkpoint path."""
     if not 0 < cfg.target_ratio <= 1:
         raise ValueError(f"target_ratio must be in (0, 1], got {cfg.target_ratio}")
+    if cfg.router_objective not in ("relative", "absolute"):
+        raise ValueError(f"router_objective must be relative or absolute, got {cfg.router_objective!r}")
+    if cfg.noise_off_step and not cfg.anneal_steps < cfg.noise_off_step <= cfg.steps:
+        raise ValueError(f"noise_off_step must be 0 or in (anneal_steps, steps], got {cfg.noise_off_step}")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -81,15 +132,19 @@ def finetune(cfg: FinetuneConfig) -> Path:
         parent = DyDiT.from_dit(parent, tdw_bias=cfg.tdw_init_bias, sdt_bias=cfg.sdt_init_bias)
     model = parent.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    routers = set(map(id, model.router_parameters()))
+    router_params = model.router_parameters()
+    routers = set(map(id, router_params))
     opt = torch.optim.AdamW([
         {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in routers], "lr": cfg.lr},
-        {"params": model.router_parameters(), "lr": cfg.router_lr},
+        {"params": router_params, "lr": cfg.router_lr},
     ], weight_decay=0.0)
-    step = restore_or_refuse(ckpt_path, cfg.resume, model, ema, opt, device)
-
     images, labels = (x.to(device) for x in load_dataset("mnist", "train").tensors)
     diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
+    profile = None
+    if cfg.router_objective == "relative":  # measured on the parent, before any step (and again on resume)
+        profile = loss_profile(model, diffusion, images, labels, torch.Generator().manual_seed(cfg.seed))
+    step = restore_or_refuse(ckpt_path, cfg.resume, model, ema, opt, device)
+
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + step * 7919)
     out.mkdir(parents=True, exist_ok=True)
     model.train()
@@ -103,23 +158,32 @@ def finetune(cfg: FinetuneConfig) -> Path:
         weights = (min_snr_weights(diffusion.alphas_cumprod, t.cpu(), cfg.min_snr_gamma).float().to(device)
                    if cfg.min_snr_gamma > 0 else None)
         x_t = diffusion.q_sample(x0, t, noise)
+        noise_scale = gumbel_noise_at(step, cfg)
+        model.set_gumbel_noise(noise_scale)
         out_dyn, routing = model(x_t, t, y, return_routing=True)
-        dyn = diffusion.losses_from_output(out_dyn, x0, x_t, t, noise, weights)["loss"].mean()
+        terms = diffusion.losses_from_output(out_dyn, x0, x_t, t, noise, weights)
+        dyn = terms["loss"].mean()
         fraction = routing.block_flops_fraction(model.config).mean()
         target = target_at(step, cfg)
-        loss = dyn + cfg.flops_weight * (fraction - target) ** 2
+        flops_penalty = cfg.flops_weight * (fraction - target) ** 2
+        loss = dyn + flops_penalty
         complete = torch.zeros(())
-        if cfg.complete_model_loss:
+        if step < cfg.complete_model_steps:
             out_full = model(x_t, t, y, complete_model=True)
             complete = diffusion.losses_from_output(out_full, x0, x_t, t, noise, weights)["loss"].mean()
             loss = loss + complete
-        optimizer_step(loss, model.parameters(), opt, cfg.grad_clip, ema, model, cfg.ema_decay)
+        router_loss = None
+        if profile is not None:  # the routers' own objective; the weights keep the diffusion loss
+            relative = terms["mse"] * relative_weights(t, profile, diffusion.num_timesteps) + terms.get("vb", 0.0)
+            router_loss = (router_params, relative.mean() + flops_penalty)
+        optimizer_step(loss, model.parameters(), opt, cfg.grad_clip, ema, model, cfg.ema_decay,
+                       override=router_loss)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{dyn.item():.4f}", flops=f"{fraction.item():.3f}", target=f"{target:.3f}")
         append_log(out / "log.csv", {
             "step": step, "loss": dyn.item(), "complete_loss": complete.item(),
-            "flops_fraction": fraction.item(), "target": target,
+            "flops_fraction": fraction.item(), "target": target, "gumbel_noise": noise_scale,
             "heads": routing.heads.mean().item(), "groups": routing.groups.mean().item(),
             "tokens": routing.tokens.mean().item()})
         if time.time() - last_save > 60 * cfg.ckpt_minutes or step == cfg.steps:

@@ -15,16 +15,22 @@ SDT_INIT_BIAS = 35.0  # ... and every token through the MLP
 SDT_REDUCTION = 16
 
 
-def gate(logits: torch.Tensor, training: bool, tau: float = GUMBEL_TAU) -> torch.Tensor:
+def gate(logits: torch.Tensor, training: bool, tau: float = GUMBEL_TAU,
+         noise_scale: float = 1.0) -> torch.Tensor:
     """Hard 0/1 gates with a straight-through gradient.
 
-    Training: Gumbel-sigmoid, sigmoid((logit + g1 - g2) / tau) with two Gumbel samples, so
-    the router explores; eval: sigmoid(logit). Either way the forward value is the hard
-    threshold (> 0.5) and the backward pass uses the soft value's gradient.
+    Training: Gumbel-sigmoid, sigmoid((logit + noise_scale * (g1 - g2)) / tau) with two Gumbel
+    samples, so the router explores; eval: sigmoid(logit). Either way the forward value is the
+    hard threshold (> 0.5) and the backward pass uses the soft value's gradient.
+
+    With noise a gate is on with probability sigmoid(logit); in eval it is on whenever the logit
+    is positive. ``noise_scale`` < 1 (faded by the fine-tune) narrows that train/eval gap.
     """
-    if training:
+    if training and noise_scale > 0:
         g1, g2 = (-torch.empty_like(logits).exponential_().log() for _ in range(2))
-        soft = torch.sigmoid((logits + g1 - g2) / tau)
+        soft = torch.sigmoid((logits + noise_scale * (g1 - g2)) / tau)
+    elif training:
+        soft = torch.sigmoid(logits / tau)
     else:
         soft = torch.sigmoid(logits)
     hard = (soft > 0.5).to(soft.dtype)
@@ -43,12 +49,13 @@ class WidthRouter(nn.Module):
         super().__init__()
         self.num_units = num_units
         self.router = nn.Linear(dim, num_units - 1)
+        self.noise_scale = 1.0  # Gumbel noise in training (see ``gate``)
 
     def logits(self, t_emb: torch.Tensor) -> torch.Tensor:
         return self.router(t_emb)
 
     def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
-        gates = gate(self.logits(t_emb), self.training)
+        gates = gate(self.logits(t_emb), self.training, noise_scale=self.noise_scale)
         return torch.cat([torch.ones_like(gates[:, :1]), gates], dim=1)
 
 
@@ -62,12 +69,13 @@ class TokenRouter(nn.Module):
         super().__init__()
         self.mlp_head = nn.Sequential(
             nn.Linear(dim, dim // SDT_REDUCTION), nn.ReLU(), nn.Linear(dim // SDT_REDUCTION, 1))
+        self.noise_scale = 1.0  # Gumbel noise in training (see ``gate``)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_head(x).squeeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gate(self.logits(x), self.training)
+        return gate(self.logits(x), self.training, noise_scale=self.noise_scale)
 
 
 def init_routers_all_on(width_routers: list[WidthRouter], token_routers: list[TokenRouter],

@@ -34,8 +34,9 @@ class TrainConfig:
     out: str = "runs/lab-L"  # run folder: checkpoint.pt, log.csv, config.txt
     steps: int = 12000
     batch_size: int = 128  # global batch, split across DDP ranks
-    lr: float = 1e-3  # AdamW, constant after the linear warm-up
+    lr: float = 1e-3  # AdamW peak lr, reached after the linear warm-up
     warmup_steps: int = 200
+    decay_steps: int = 0  # linear decay to 0 over the last N steps (0: constant lr after warm-up)
     weight_decay: float = 0.0
     ema_decay: float = 0.9995  # the EMA weights are what export and load_model use
     min_snr_gamma: float = 5.0  # 0 disables the min-SNR weighting
@@ -100,10 +101,20 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def optimizer_step(loss: torch.Tensor, params, opt, grad_clip: float, ema=None, model=None,
-                   ema_decay: float = 0.0) -> None:
-    """Backward, optional gradient clipping, optimizer step, then the EMA update."""
+                   ema_decay: float = 0.0, override=None) -> None:
+    """Backward, optional gradient clipping, optimizer step, then the EMA update.
+
+    ``override = (some_params, other_loss)`` gives those parameters the gradient of
+    ``other_loss`` instead of ``loss`` (DyDiT's routers get their own objective).
+    """
     opt.zero_grad(set_to_none=True)
+    if override is not None:
+        own_params, own_loss = override
+        own_grads = torch.autograd.grad(own_loss, own_params, retain_graph=True, allow_unused=True)
     loss.backward()
+    if override is not None:
+        for p, g in zip(own_params, own_grads):
+            p.grad = g
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
@@ -152,7 +163,10 @@ def restore_or_refuse(ckpt_path: Path, resume: bool, model, ema, opt, device="cp
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    """Linear warm-up, constant, then (if ``decay_steps``) a linear cool-down towards 0 over the last steps."""
+    warmup = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    cooldown = min(1.0, (cfg.steps - step) / cfg.decay_steps) if cfg.decay_steps else 1.0
+    return cfg.lr * warmup * max(0.0, cooldown)
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +183,8 @@ def train(cfg: TrainConfig, model: DiT | None = None) -> Path:
         torch.cuda.set_device(device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    if not 0 <= cfg.decay_steps <= cfg.steps:
+        raise ValueError(f"decay_steps must be in [0, steps={cfg.steps}], got {cfg.decay_steps}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
     torch.manual_seed(cfg.seed)

@@ -8,7 +8,11 @@ import torch
 import dydit_lab
 from dydit_lab.cli import main
 from dydit_lab.dydit import DyDiT
-from dydit_lab.finetuning import FinetuneConfig, finetune, stratified_timesteps, target_at
+from dydit_lab.data import load_dataset
+from dydit_lab.diffusion import GaussianDiffusion
+from dydit_lab.finetuning import (PROFILE_BINS, FinetuneConfig, finetune, gumbel_noise_at, loss_profile,
+                                  relative_weights, stratified_timesteps, target_at)
+from dydit_lab.training import optimizer_step
 from dydit_lab.training import TrainConfig, save_training_checkpoint
 
 
@@ -17,6 +21,61 @@ def test_target_schedule():
     assert target_at(0, cfg) == 1.0 and target_at(99, cfg) == 1.0
     assert target_at(550, cfg) == pytest.approx(0.75)
     assert target_at(1000, cfg) == 0.5 and target_at(5000, cfg) == 0.5
+
+
+def test_gumbel_noise_fades_after_the_anneal():
+    cfg = FinetuneConfig(steps=1200, anneal_steps=500, noise_off_step=900)
+    assert gumbel_noise_at(0, cfg) == 1.0 and gumbel_noise_at(500, cfg) == 1.0
+    assert gumbel_noise_at(700, cfg) == pytest.approx(0.5)
+    assert gumbel_noise_at(900, cfg) == 0.0 and gumbel_noise_at(1199, cfg) == 0.0
+    assert gumbel_noise_at(1199, FinetuneConfig()) == 1.0  # default: the official constant noise
+    with pytest.raises(ValueError, match="noise_off_step"):
+        finetune(FinetuneConfig(anneal_steps=500, noise_off_step=400))
+
+
+def test_noiseless_training_gates_route_as_in_eval():
+    dydit = DyDiT.from_dit(dydit_lab.create_model("DiT-lab-T"), sdt_bias=0.3)
+    for block in dydit.blocks:
+        block.attn_rate.router.bias.data = torch.tensor([0.2, -0.2, 0.1])
+    x, t, y = torch.randn(8, 1, 32, 32), torch.randint(1000, (8,)), torch.randint(10, (8,))
+    dydit.eval()
+    _, eval_routing = dydit(x, t, y, return_routing=True)
+    dydit.train()
+    dydit.set_gumbel_noise(0.0)
+    _, train_routing = dydit(x, t, y, return_routing=True)
+    assert torch.equal(train_routing.heads, eval_routing.heads)
+    assert torch.equal(train_routing.tokens, eval_routing.tokens)
+    dydit.set_gumbel_noise(1.0)  # logits this close to 0: the noise flips some gates
+    noisy = [dydit(x, t, y, return_routing=True)[1].heads for _ in range(5)]
+    assert any(not torch.equal(h, eval_routing.heads) for h in noisy)
+    with pytest.raises(ValueError, match="noise scale"):
+        dydit.set_gumbel_noise(2.0)
+
+
+def test_relative_weights_equalise_the_loss_across_t():
+    profile = torch.tensor([4.0, 2.0, 1.0, 1.0])  # mean 2
+    t = torch.tensor([0, 249, 250, 500, 999])
+    assert relative_weights(t, profile, 1000).tolist() == [0.5, 0.5, 1.0, 2.0, 2.0]
+    # The parent's expected weighted loss is its plain mean loss: same scale as the FLOPs penalty.
+    assert (relative_weights(torch.arange(1000), profile, 1000) * profile.repeat_interleave(250)).mean() == 2.0
+
+
+def test_loss_profile_is_the_complete_models_loss_per_bin():
+    dydit = DyDiT.from_dit(dydit_lab.create_model("DiT-lab-T"), sdt_bias=0.1)  # gates would drop tokens
+    images, labels = load_dataset("mnist", "val").tensors
+    diffusion = GaussianDiffusion(learn_sigma=False)
+    profile = loss_profile(dydit, diffusion, images, labels, torch.Generator().manual_seed(0), 16)
+    again = loss_profile(dydit, diffusion, images, labels, torch.Generator().manual_seed(0), 16)
+    assert profile.shape == (PROFILE_BINS,) and (profile > 0).all() and torch.equal(profile, again)
+    assert dydit.training  # restored
+
+
+def test_optimizer_step_override_gives_some_parameters_their_own_loss():
+    a, b = torch.nn.Parameter(torch.tensor(1.0)), torch.nn.Parameter(torch.tensor(1.0))
+    opt = torch.optim.SGD([a, b], lr=0.1)
+    optimizer_step(a + b, [a, b], opt, grad_clip=0.0, override=([a], 10 * a))
+    assert a.grad.item() == 10.0 and b.grad.item() == 1.0
+    assert a.item() == pytest.approx(0.0, abs=1e-6) and b.item() == pytest.approx(0.9)
 
 
 def test_stratified_timesteps_cover_each_quarter():
@@ -51,6 +110,19 @@ def test_finetune_smoke_moves_flops_toward_target(parent, tmp_path):
         finetune(cfg)
     finetune(FinetuneConfig(**{**cfg.__dict__, "steps": 32, "resume": True}))
     assert len((tmp_path / "ft" / "log.csv").read_text().splitlines()) == 33
+
+
+def test_two_stages_relative_routers_and_noise_fade(parent, tmp_path):
+    cfg = FinetuneConfig(parent=str(parent), out=str(tmp_path / "ft"), steps=6, complete_model_steps=4,
+                         hold_steps=1, anneal_steps=3, noise_off_step=5, router_objective="relative",
+                         batch_size=4, device="cpu")
+    finetune(cfg)
+    lines = (tmp_path / "ft" / "log.csv").read_text().splitlines()
+    column = lines[0].split(",").index("complete_loss")
+    complete = [float(line.split(",")[column]) for line in lines[1:]]
+    assert all(c > 0 for c in complete[:4]) and complete[4:] == [0.0, 0.0]
+    noise = [float(line.split(",")[lines[0].split(",").index("gumbel_noise")]) for line in lines[1:]]
+    assert noise == [1.0, 1.0, 1.0, 1.0, 0.5, 0.0]
 
 
 def test_flops_cli_counts_a_dydit_sampling_run(parent, tmp_path, capsys):

@@ -10,9 +10,19 @@ import torch
 
 from dydit_lab.checkpoints import read_checkpoint
 from dydit_lab.cli import main
-from dydit_lab.training import TrainConfig, train
+from dydit_lab.training import TrainConfig, lr_at, train
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lr_schedule_warmup_constant_cooldown():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, steps=100, decay_steps=20)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(80, cfg) == pytest.approx(1e-3) and lr_at(90, cfg) == pytest.approx(5e-4)
+    assert lr_at(99, cfg) == pytest.approx(5e-5)
+    assert lr_at(999, TrainConfig(steps=1000)) == pytest.approx(1e-3)  # constant by default
+    with pytest.raises(ValueError, match="decay_steps"):
+        train(TrainConfig(steps=10, decay_steps=11))
 
 
 def test_train_resume_and_refuse_overwrite(tmp_path):
