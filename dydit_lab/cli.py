@@ -74,7 +74,7 @@ def cmd_evaluate(args):
         metrics = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, steps=args.steps,
                                       method=args.method, cfg_scale=args.cfg_scale, seed=args.seed,
                                       coarse_steps=args.coarse_steps, complete_model=args.complete_model,
-                                      evaluator=evaluator,
+                                      complete_from_t=args.complete_from_t, evaluator=evaluator,
                                       device=device)
     print(json.dumps(metrics))
     if args.results:
@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FlexiDiT only: run the first k of --steps steps at the coarse patch")
     p.add_argument("--complete-model", action="store_true",
                    help="DyDiT only: every head, group and token on (the fine-tuned weights at full cost)")
+    p.add_argument("--complete-from-t", type=int, default=0,
+                   help="with --complete-model: gates on only at timesteps >= T, routed below "
+                        "(which noise levels the routing's quality cost comes from)")
     p.add_argument("--device", default="auto")
     p.add_argument("--results", help="append the metrics to this CSV (e.g. data/results.csv)")
     p.add_argument("--name", help="row name in --results (default: the checkpoint path)")

@@ -170,26 +170,48 @@ def sampling_cost(model, steps: int, method: str = "ddim", device="cpu") -> dict
         run = sampling_flops(model, steps=steps, method=method, device=device, progress=False)
         return {k: run[k] for k in ("flops_fraction", "block_flops_fraction")} | {
             "gflops_per_step": run["gflops_per_image_step"]}
+    if isinstance(model, CompleteModel) and model.from_t > 0:
+        # Steps at t >= from_t cost the static model; the routed ones as in a fully routed run
+        # (TDW exact, since it depends on t only; SDT keep-rates from that run).
+        run = sampling_flops(model.model, steps=steps, method=method, device=device, progress=False)
+        fractions = [1.0 if t >= model.from_t else f
+                     for t, f in zip(run["per_step_timesteps"], run["per_step_fraction"])]
+        fraction = sum(fractions) / len(fractions)
+        return {"flops_fraction": fraction, "gflops_per_step": fraction * run["static_gflops"]}
     return {"gflops_per_step": analytic_flops(model.config)["total"] / 1e9, "flops_fraction": 1.0}
 
 
 class CompleteModel(torch.nn.Module):
     """A DyDiT with every head, group and token on (its routers bypassed): the control that
-    separates what fine-tuning did to the weights from what the routing costs."""
+    separates what fine-tuning did to the weights from what the routing costs.
 
-    def __init__(self, model):
+    ``from_t`` > 0 bypasses the routers only at timesteps t >= from_t and routes below: it
+    shows which noise levels the routing's quality cost comes from.
+    """
+
+    def __init__(self, model, from_t: int = 0):
         super().__init__()
-        self.model = model
+        if not 0 <= from_t < 1000:
+            raise ValueError(f"from_t must be in [0, 1000), got {from_t}")
+        self.model, self.from_t = model, from_t
         self.config, self.num_classes, self.in_channels = model.config, model.num_classes, model.in_channels
 
     def forward(self, x, t, y):
-        return self.model(x, t, y, complete_model=True)
+        complete = t >= self.from_t
+        if complete.all() or not complete.any():
+            return self.model(x, t, y, complete_model=bool(complete.all()))
+        out = torch.empty_like(self.model(x[:1], t[:1], y[:1]).expand(len(x), -1, -1, -1)).contiguous()
+        out[complete] = self.model(x[complete], t[complete], y[complete], complete_model=True)
+        out[~complete] = self.model(x[~complete], t[~complete], y[~complete])
+        return out
 
 
 def sampling_model(checkpoint: str | Path, steps: int = 50, coarse_steps: int | None = None,
-                   complete_model: bool = False, device="cpu", saved: dict | None = None):
+                   complete_model: bool = False, device="cpu", saved: dict | None = None,
+                   complete_from_t: int = 0):
     """The model to sample a checkpoint with: as loaded, or a FlexiDiT whose first
-    ``coarse_steps`` of ``steps`` run coarse, or a DyDiT with every gate on.
+    ``coarse_steps`` of ``steps`` run coarse, or a DyDiT with every gate on (at t >=
+    ``complete_from_t``, see :class:`CompleteModel`).
 
     ``saved``: the checkpoint already read from ``checkpoint``, so it is not read twice.
     """
@@ -207,7 +229,9 @@ def sampling_model(checkpoint: str | Path, steps: int = 50, coarse_steps: int | 
         if not isinstance(model, DyDiT):
             raise ValueError(f"--complete-model needs a DyDiT checkpoint; {checkpoint} holds a "
                              f"{type(model).__name__}")
-        model = CompleteModel(model)
+        model = CompleteModel(model, complete_from_t)
+    elif complete_from_t:
+        raise ValueError("complete_from_t needs complete_model")
     return model
 
 
@@ -225,21 +249,23 @@ def timed_generate(model, num_samples: int, steps: int = 50, device="cpu", **opt
 def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: int = 50,
                         method: str = "ddim", cfg_scale: float = 1.0, seed: int = 0,
                         coarse_steps: int | None = None, complete_model: bool = False,
-                        evaluator: SampleEvaluator | None = None, device="cpu", progress: bool = True) -> dict:
+                        evaluator: SampleEvaluator | None = None, device="cpu", progress: bool = True,
+                        complete_from_t: int = 0) -> dict:
     """Sample from a checkpoint (DiT, DyDiT or FlexiDiT) and measure what it costs.
 
     Returns the quality metrics (``accuracy``, ``fd_lenet``), the compute
     (:func:`sampling_cost`, and ``gflops_per_image`` = per step x steps) and the measured sampling
     wall-clock ``seconds_per_image`` (generation only, at the evaluator's batch size, with the
-    current torch thread count in ``threads``). ``coarse_steps`` and ``complete_model``: see
-    :func:`sampling_model`.
+    current torch thread count in ``threads``). ``coarse_steps``, ``complete_model`` and
+    ``complete_from_t``: see :func:`sampling_model`.
     """
     from .checkpoints import read_checkpoint
 
     device = torch.device(device)
     evaluator = evaluator or SampleEvaluator.from_default(device=device)
     saved = read_checkpoint(checkpoint)
-    model = sampling_model(checkpoint, steps, coarse_steps, complete_model, device, saved=saved)
+    model = sampling_model(checkpoint, steps, coarse_steps, complete_model, device, saved=saved,
+                           complete_from_t=complete_from_t)
     samples, labels, seconds = timed_generate(model, num_samples, steps=steps, method=method,
                                               cfg_scale=cfg_scale, seed=seed, device=device, progress=progress)
     cost = sampling_cost(model, steps, method, device)

@@ -129,3 +129,28 @@ def test_complete_model_evaluation_of_a_dydit(checkpoints, evaluator):
     with pytest.raises(ValueError, match="DyDiT"):
         evaluate_checkpoint(checkpoints / "DiT-lab-L.pt", num_samples=4, steps=2, complete_model=True,
                             evaluator=evaluator, progress=False)
+
+
+def test_complete_model_from_t_routes_only_below_it():
+    from dydit_lab.evaluation import CompleteModel, sampling_cost
+
+    torch.manual_seed(0)
+    dit = dydit_lab.create_model("DiT-lab-T")
+    for p in dit.parameters():  # past adaLN-Zero's zero output
+        p.data.normal_(0, 0.05)
+    dydit = DyDiT.from_dit(dit).eval()
+    for block in dydit.blocks:  # the routers close heads 2-3 at every t
+        block.attn_rate.router.bias.data = torch.tensor([15.0, -15.0, -15.0])
+    x, y = torch.randn(4, 1, 32, 32), torch.arange(4)
+    t = torch.tensor([100, 900, 100, 900])
+    hybrid = CompleteModel(dydit, from_t=500)(x, t, y)
+    high, low = t >= 500, t < 500
+    assert torch.allclose(hybrid[high], dydit(x[high], t[high], y[high], complete_model=True), atol=1e-6)
+    assert torch.allclose(hybrid[low], dydit(x[low], t[low], y[low]), atol=1e-6)
+    assert not torch.allclose(hybrid[low], dydit(x[low], t[low], y[low], complete_model=True), atol=1e-4)
+    routed = sampling_cost(dydit, steps=4)["flops_fraction"]
+    partial = sampling_cost(CompleteModel(dydit, from_t=500), steps=4)["flops_fraction"]
+    # DDIM-4 visits t = 999, 749 (complete) and 500, 250 ... the two routed steps keep their cost.
+    assert routed < partial < 1.0
+    with pytest.raises(ValueError, match="from_t"):
+        CompleteModel(dydit, from_t=1000)
