@@ -46,9 +46,9 @@ class FinetuneConfig:
     tdw_init_bias: float = 15.0  # official value
     sdt_init_bias: float = 5.0  # official 35 suits 200k steps; SDT could not move in ours
     flops_weight: float = 2.0  # w in w * (FLOPs fraction - target)^2
-    complete_model_steps: int = 1200  # co-train the all-on model for the first N steps (official stage 1)
-    noise_off_step: int = 0  # Gumbel noise fades from anneal_steps to 0 here, then gates as in sampling (0: never)
-    router_objective: str = "absolute"  # relative: routers weigh each t's loss by 1 / the parent's loss there; absolute: official
+    complete_model_steps: int = 0  # co-train the all-on model for the first N steps (official stage 1; lab: 0)
+    noise_off_step: int = 900  # Gumbel noise fades from anneal_steps to 0 here, then gates as in sampling (0: never)
+    router_objective: str = "relative"  # relative: routers weigh each t's loss by 1 / the parent's loss there; absolute: official
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.995  # kept, but export the online weights: an EMA of router weights routes differently
     grad_clip: float = 1.0

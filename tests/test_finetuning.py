@@ -28,7 +28,7 @@ def test_gumbel_noise_fades_after_the_anneal():
     assert gumbel_noise_at(0, cfg) == 1.0 and gumbel_noise_at(500, cfg) == 1.0
     assert gumbel_noise_at(700, cfg) == pytest.approx(0.5)
     assert gumbel_noise_at(900, cfg) == 0.0 and gumbel_noise_at(1199, cfg) == 0.0
-    assert gumbel_noise_at(1199, FinetuneConfig()) == 1.0  # default: the official constant noise
+    assert gumbel_noise_at(1199, FinetuneConfig(noise_off_step=0)) == 1.0  # the official constant noise
     with pytest.raises(ValueError, match="noise_off_step"):
         finetune(FinetuneConfig(anneal_steps=500, noise_off_step=400))
 
@@ -97,7 +97,7 @@ def parent(tmp_path):
 
 def test_finetune_smoke_moves_flops_toward_target(parent, tmp_path):
     cfg = FinetuneConfig(parent=str(parent), out=str(tmp_path / "ft"), target_ratio=0.5, steps=30,
-                         hold_steps=2, anneal_steps=10, batch_size=8, router_lr=0.5,
+                         hold_steps=2, anneal_steps=10, noise_off_step=20, batch_size=8, router_lr=0.5,
                          flops_weight=50.0, device="cpu")
     path = finetune(cfg)
     rows = (tmp_path / "ft" / "log.csv").read_text().splitlines()
