@@ -93,9 +93,11 @@ def loss_profile(model: DyDiT, diffusion: GaussianDiffusion, images, labels, gen
     for b in range(PROFILE_BINS):
         idx = torch.randint(len(images), (samples_per_bin,), generator=generator).to(images.device)
         t = (b * per_bin + torch.randint(per_bin, (samples_per_bin,), generator=generator)).to(images.device)
-        noise = torch.randn(images[idx].shape, generator=generator).to(images.device)
-        out = model(diffusion.q_sample(images[idx], t, noise), t, labels[idx], complete_model=True)
-        profile.append(diffusion.losses_from_output(out, images[idx], None, t, noise)["mse"].mean())
+        x0 = images[idx]
+        noise = torch.randn(x0.shape, generator=generator).to(images.device)
+        x_t = diffusion.q_sample(x0, t, noise)
+        out = model(x_t, t, labels[idx], complete_model=True)
+        profile.append(diffusion.losses_from_output(out, x0, x_t, t, noise)["mse"].mean())
     model.train(was_training)
     return torch.stack(profile)
 

@@ -68,6 +68,10 @@ def test_loss_profile_is_the_complete_models_loss_per_bin():
     again = loss_profile(dydit, diffusion, images, labels, torch.Generator().manual_seed(0), 16)
     assert profile.shape == (PROFILE_BINS,) and (profile > 0).all() and torch.equal(profile, again)
     assert dydit.training  # restored
+    sigma = DyDiT.from_dit(dydit_lab.create_model("DiT-lab-T", learn_sigma=True))  # the official output layout
+    profile = loss_profile(sigma, GaussianDiffusion(learn_sigma=True), images, labels,
+                           torch.Generator().manual_seed(0), 4)
+    assert profile.shape == (PROFILE_BINS,) and (profile > 0).all()
 
 
 def test_optimizer_step_override_gives_some_parameters_their_own_loss():
