@@ -200,9 +200,10 @@ class CompleteModel(torch.nn.Module):
         complete = t >= self.from_t
         if complete.all() or not complete.any():
             return self.model(x, t, y, complete_model=bool(complete.all()))
-        out = torch.empty_like(self.model(x[:1], t[:1], y[:1]).expand(len(x), -1, -1, -1)).contiguous()
-        out[complete] = self.model(x[complete], t[complete], y[complete], complete_model=True)
-        out[~complete] = self.model(x[~complete], t[~complete], y[~complete])
+        full = self.model(x[complete], t[complete], y[complete], complete_model=True)
+        routed = self.model(x[~complete], t[~complete], y[~complete])
+        out = full.new_empty((len(x), *full.shape[1:]))
+        out[complete], out[~complete] = full, routed
         return out
 
 
@@ -231,7 +232,7 @@ def sampling_model(checkpoint: str | Path, steps: int = 50, coarse_steps: int | 
                              f"{type(model).__name__}")
         model = CompleteModel(model, complete_from_t)
     elif complete_from_t:
-        raise ValueError("complete_from_t needs complete_model")
+        raise ValueError("--complete-from-t needs --complete-model")
     return model
 
 
