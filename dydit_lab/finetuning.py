@@ -49,6 +49,7 @@ class FinetuneConfig:
     complete_model_steps: int = 0  # co-train the all-on model for the first N steps (official stage 1; lab: 0)
     noise_off_step: int = 900  # Gumbel noise fades from anneal_steps to 0 here, then gates as in sampling (0: never)
     router_objective: str = "relative"  # relative: routers weigh each t's loss by 1 / the parent's loss there; absolute: official
+    distill: float = 0.0  # regress on (1 - distill) * noise + distill * the parent's prediction (0: official)
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.995  # kept, but export the online weights: an EMA of router weights routes differently
     grad_clip: float = 1.0
@@ -110,6 +111,19 @@ def relative_weights(t: torch.Tensor, profile: torch.Tensor, num_timesteps: int)
     return profile.mean() / profile.to(t.device)[bins]
 
 
+@torch.no_grad()
+def distillation_target(teacher: DyDiT, diffusion: GaussianDiffusion, x_t, t, y, noise, distill: float) -> torch.Tensor:
+    """The noise-prediction target mixed with the parent's own prediction.
+
+    MSE to the mix equals (1 - distill) * MSE to the noise + distill * MSE to the parent, up to a
+    constant. The parent's prediction is a far less noisy target than the sampled noise (it is
+    the parent's estimate of E[noise | x_t]), so a 1,200-step fine-tune spends its gradient on
+    recovering what the routing removed rather than on relearning the data.
+    """
+    eps, _ = diffusion.split_output(teacher(x_t, t, y, complete_model=True), noise.shape[1])
+    return (1.0 - distill) * noise + distill * eps
+
+
 def stratified_timesteps(batch: int, num_timesteps: int, generator: torch.Generator) -> torch.Tensor:
     """Equal shares of the batch from each quarter of [0, T), so every noise level is present."""
     quarter = num_timesteps // 4
@@ -123,6 +137,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
         raise ValueError(f"target_ratio must be in (0, 1], got {cfg.target_ratio}")
     if cfg.router_objective not in ("relative", "absolute"):
         raise ValueError(f"router_objective must be relative or absolute, got {cfg.router_objective!r}")
+    if not 0 <= cfg.distill <= 1:
+        raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     if cfg.noise_off_step and not cfg.anneal_steps < cfg.noise_off_step <= cfg.steps:
         raise ValueError(f"noise_off_step must be 0 or in (anneal_steps, steps], got {cfg.noise_off_step}")
     device = resolve_device(cfg.device)
@@ -134,6 +150,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         parent = DyDiT.from_dit(parent, tdw_bias=cfg.tdw_init_bias, sdt_bias=cfg.sdt_init_bias)
     model = parent.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if cfg.distill else None
     router_params = model.router_parameters()
     routers = set(map(id, router_params))
     opt = torch.optim.AdamW([
@@ -160,10 +177,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
         weights = (min_snr_weights(diffusion.alphas_cumprod, t.cpu(), cfg.min_snr_gamma).float().to(device)
                    if cfg.min_snr_gamma > 0 else None)
         x_t = diffusion.q_sample(x0, t, noise)
+        target_eps = noise if teacher is None else distillation_target(teacher, diffusion, x_t, t, y, noise, cfg.distill)
         noise_scale = gumbel_noise_at(step, cfg)
         model.set_gumbel_noise(noise_scale)
         out_dyn, routing = model(x_t, t, y, return_routing=True)
-        terms = diffusion.losses_from_output(out_dyn, x0, x_t, t, noise, weights)
+        terms = diffusion.losses_from_output(out_dyn, x0, x_t, t, target_eps, weights)
         dyn = terms["loss"].mean()
         fraction = routing.block_flops_fraction(model.config).mean()
         target = target_at(step, cfg)

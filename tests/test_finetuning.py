@@ -1,6 +1,7 @@
 """FLOPs-constrained fine-tuning and the dynamic FLOPs count of a sampling run."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from dydit_lab.cli import main
 from dydit_lab.dydit import DyDiT
 from dydit_lab.data import load_dataset
 from dydit_lab.diffusion import GaussianDiffusion
-from dydit_lab.finetuning import (PROFILE_BINS, FinetuneConfig, finetune, gumbel_noise_at, loss_profile,
-                                  relative_weights, stratified_timesteps, target_at)
+from dydit_lab.finetuning import (PROFILE_BINS, FinetuneConfig, distillation_target, finetune, gumbel_noise_at,
+                                  loss_profile, relative_weights, stratified_timesteps, target_at)
 from dydit_lab.training import optimizer_step
 from dydit_lab.training import TrainConfig, save_training_checkpoint
 
@@ -127,6 +128,36 @@ def test_two_stages_relative_routers_and_noise_fade(parent, tmp_path):
     assert all(c > 0 for c in complete[:4]) and complete[4:] == [0.0, 0.0]
     noise = [float(line.split(",")[lines[0].split(",").index("gumbel_noise")]) for line in lines[1:]]
     assert noise == [1.0, 1.0, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_distillation_target_mixes_noise_and_the_parents_prediction(parent):
+    teacher = DyDiT.from_dit(dydit_lab.load_model(parent)).eval()
+    diffusion = GaussianDiffusion(learn_sigma=teacher.config.learn_sigma)
+    torch.manual_seed(0)
+    x_t, noise = torch.randn(2, 2, 1, 32, 32)
+    t, y = torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        eps = diffusion.split_output(teacher(x_t, t, y, complete_model=True), 1)[0]
+    assert torch.equal(distillation_target(teacher, diffusion, x_t, t, y, noise, 0.0), noise)
+    assert torch.allclose(distillation_target(teacher, diffusion, x_t, t, y, noise, 1.0), eps)
+    half = distillation_target(teacher, diffusion, x_t, t, y, noise, 0.5)
+    assert torch.allclose(half, (noise + eps) / 2, atol=1e-6)
+
+
+def test_finetune_with_distillation_runs_and_checks_its_weight(parent, tmp_path):
+    cfg = FinetuneConfig(parent=str(parent), out=str(tmp_path / "ft"), steps=3, hold_steps=1, anneal_steps=2,
+                         noise_off_step=3, distill=1.0, batch_size=4, device="cpu")
+    plain = FinetuneConfig(**{**cfg.__dict__, "distill": 0.0, "out": str(tmp_path / "plain")})
+    first_losses = []
+    for c in (cfg, plain):
+        finetune(c)
+        rows = (Path(c.out) / "log.csv").read_text().splitlines()
+        assert len(rows) == 4
+        first_losses.append(float(rows[1].split(",")[1]))
+    # Step 1 routes (almost) everything on, so the student is (almost) its teacher.
+    assert first_losses[0] < 0.01 * first_losses[1]
+    with pytest.raises(ValueError, match="distill"):
+        finetune(FinetuneConfig(**{**cfg.__dict__, "distill": 1.5, "out": str(tmp_path / "bad")}))
 
 
 def test_flops_cli_counts_a_dydit_sampling_run(parent, tmp_path, capsys):
