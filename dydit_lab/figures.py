@@ -137,9 +137,10 @@ def router_schedules_figure(traces: dict | None = None, device="cpu"):
     plot_flops_per_step(list(traces.values()), ax=grid[-1][0])
     plot_width_curves(list(traces.values()), ax=grid[-1][1])
     first = next(iter(traces.values()))
-    # Show the block and step where SDT skips the most tokens: the informative token map.
+    # Show the block and step where SDT keeps closest to half the tokens: a map that is all
+    # kept or all skipped says nothing about *which* tokens the router picks.
     keep = first.tokens.float().mean(dim=(1, 3))  # (steps, blocks)
-    step, layer = divmod(int(keep.argmin()), keep.shape[1])
+    step, layer = divmod(int((keep - 0.5).abs().argmin()), keep.shape[1])
     plot_token_map(first, step=step, sample=0, layer=layer, ax=grid[-1][2])
     table = pd.DataFrame([{
         "model": name, "flops_fraction": t.mean_flops_fraction,
