@@ -112,7 +112,8 @@ def relative_weights(t: torch.Tensor, profile: torch.Tensor, num_timesteps: int)
 
 
 @torch.no_grad()
-def distillation_target(teacher: DyDiT, diffusion: GaussianDiffusion, x_t, t, y, noise, distill: float) -> torch.Tensor:
+def distillation_target(teacher: DyDiT, diffusion: GaussianDiffusion, x_t, t, y, noise,
+                        distill: float) -> torch.Tensor:
     """The noise-prediction target mixed with the parent's own prediction.
 
     MSE to the mix equals (1 - distill) * MSE to the noise + distill * MSE to the parent, up to a
@@ -177,7 +178,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
         weights = (min_snr_weights(diffusion.alphas_cumprod, t.cpu(), cfg.min_snr_gamma).float().to(device)
                    if cfg.min_snr_gamma > 0 else None)
         x_t = diffusion.q_sample(x0, t, noise)
-        target_eps = noise if teacher is None else distillation_target(teacher, diffusion, x_t, t, y, noise, cfg.distill)
+        target_eps = (noise if teacher is None
+                      else distillation_target(teacher, diffusion, x_t, t, y, noise, cfg.distill))
         noise_scale = gumbel_noise_at(step, cfg)
         model.set_gumbel_noise(noise_scale)
         out_dyn, routing = model(x_t, t, y, return_routing=True)
