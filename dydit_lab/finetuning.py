@@ -4,7 +4,8 @@ loss = diffusion loss of the dynamic model
      + diffusion loss of the complete model on the same weights (first ``complete_model_steps`` only)
      + flops_weight * (batch-mean FLOPs fraction - target)^2,
 with the target held at 1 for ``hold_steps``, then annealed linearly to ``target_ratio`` by
-``anneal_steps``, and timesteps stratified over the four quarters of [0, 1000).
+``anneal_steps``, and timesteps stratified over the four quarters of [0, 1000). With
+``distill > 0`` the diffusion loss regresses on a mix of the noise and the parent's prediction.
 
 The two stages follow the official release: its first stage co-trains the complete model, its
 second trains the dynamic model alone.
@@ -151,6 +152,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         parent = DyDiT.from_dit(parent, tdw_bias=cfg.tdw_init_bias, sdt_bias=cfg.sdt_init_bias)
     model = parent.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    # Copied before the checkpoint is restored: on --resume too, the teacher is the parent.
     teacher = copy.deepcopy(model).requires_grad_(False).eval() if cfg.distill else None
     router_params = model.router_parameters()
     routers = set(map(id, router_params))
