@@ -414,9 +414,13 @@ def plot_quality_vs_flops(table: pd.DataFrame) -> Figure:
     for ax, column, label in ((ax_fd, "fd_lenet", "FD-LeNet (lower is better)"),
                               (ax_acc, "accuracy", "class accuracy")):
         ax.scatter(table["gflops_per_step"], table[column], s=60, color=PALETTE[0], zorder=3)
+        # Labels of points in the right half grow leftwards, so long names stay inside the axes.
+        middle = (table["gflops_per_step"].min() + table["gflops_per_step"].max()) / 2
         for _, row in table.iterrows():
+            right_half = row["gflops_per_step"] > middle
             ax.annotate(str(row["name"]), (row["gflops_per_step"], row[column]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+                        xytext=(-6 if right_half else 4, 4), textcoords="offset points",
+                        ha="right" if right_half else "left")
         ax.set_xlabel("GFLOPs per image per sampling step", fontsize=LABEL_SIZE)
         ax.set_ylabel(label, fontsize=LABEL_SIZE)
         _style(ax)
