@@ -411,11 +411,11 @@ def plot_speedup_vs_batch(bench: pd.DataFrame, ax: Axes | None = None) -> Figure
 def plot_quality_vs_flops(table: pd.DataFrame) -> Figure:
     """FD-LeNet (lower is better) and class accuracy vs GFLOPs per sampling step."""
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    # Labels of points in the right half grow leftwards, so long names stay inside the axes.
+    middle = (table["gflops_per_step"].min() + table["gflops_per_step"].max()) / 2
     for ax, column, label in ((ax_fd, "fd_lenet", "FD-LeNet (lower is better)"),
                               (ax_acc, "accuracy", "class accuracy")):
         ax.scatter(table["gflops_per_step"], table[column], s=60, color=PALETTE[0], zorder=3)
-        # Labels of points in the right half grow leftwards, so long names stay inside the axes.
-        middle = (table["gflops_per_step"].min() + table["gflops_per_step"].max()) / 2
         for _, row in table.iterrows():
             right_half = row["gflops_per_step"] > middle
             ax.annotate(str(row["name"]), (row["gflops_per_step"], row[column]), fontsize=8,

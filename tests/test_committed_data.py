@@ -2,8 +2,6 @@
 every one of them has its metrics in data/results.csv (a swapped checkpoint without a re-run
 evaluation would leave the README quoting numbers of a file that no longer exists)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,9 +9,9 @@ import dydit_lab
 from dydit_lab.dydit import DyDiT
 from dydit_lab.flexidit import FlexiDiT
 from dydit_lab.results import read_results
+from dydit_lab.strategies import CHECKPOINT_DIR, RESULTS
 
-ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINTS = sorted((ROOT / "data" / "checkpoints").glob("*.pt"))
+CHECKPOINTS = sorted(CHECKPOINT_DIR.glob("*.pt"))
 EXPECTED_CLASS = {"DiT": dydit_lab.DiT, "DyDiT": DyDiT, "FlexiDiT": FlexiDiT}
 
 
@@ -34,6 +32,6 @@ def test_committed_checkpoint_loads_as_its_family_and_is_small(path):
 
 
 def test_every_committed_checkpoint_has_results():
-    scored = {row["checkpoint"] for row in read_results(ROOT / "data" / "results.csv")}
+    scored = {row["checkpoint"] for row in read_results(RESULTS)}
     for path in CHECKPOINTS:
         assert f"data/checkpoints/{path.name}" in scored, path.name
