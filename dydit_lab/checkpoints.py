@@ -28,10 +28,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a corrupt file or a pickle with foreign objects
-            raise CheckpointError(f"cannot read {path} as a weights-only checkpoint: {err}") from err
+            raise CheckpointError(f"cannot read {path} as a weights-only checkpoint: {_load_reason(err)}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
     return obj
+
+
+def _load_reason(err: Exception) -> str:
+    """One sentence of torch.load's error: its several-paragraph weights-only message names the
+    actual cause in an ``Unsupported ...`` sentence; other errors (a junk file) say it first."""
+    text = str(err).strip() or type(err).__name__
+    start = text.find("Unsupported")
+    return text[max(start, 0):].splitlines()[0].split(". ")[0]
 
 
 def split_checkpoint(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
