@@ -1,15 +1,24 @@
-"""Loading official-layout DiT / DyDiT weights and our own training checkpoints."""
+"""Every read and write of a checkpoint: official DiT / DyDiT weights, our training and
+exported checkpoints, written atomically in one format and loaded by kind.
+
+Kinds (recorded as ``args["kind"]`` by our writers, inferred from the weights otherwise):
+``dit``, ``dydit`` (router weights present) and ``flexidit`` (``flex_*`` weights present).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .models import DiT, get_config
+from .models.configs import get_config
+from .models.dit import DiT
+from .models.dydit import DyDiT
+from .models.flexidit import FLEX_PREFIX, FlexiDiT, flex_patches_in
 
 ROUTER_MARKER = "attn_rate.router"
 
@@ -118,9 +127,7 @@ def load_model(path_or_state_dict, arch: str | None = None, input_size: int | No
     """
     obj = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_checkpoint(path_or_state_dict)
     state, args = split_checkpoint(obj)
-    if any(k.startswith("flex_") for k in state):  # FlexiDiT: its loader builds the native part here
-        from .flexidit import load_flexidit
-
+    if checkpoint_kind(state) == "flexidit":
         return load_flexidit(obj, arch=arch, device=device, input_size=input_size,
                              in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma)
     arch = arch or _arch_from_args(args)
@@ -138,12 +145,7 @@ def load_model(path_or_state_dict, arch: str | None = None, input_size: int | No
         config = get_config(arch, **options)
     except (ValueError, TypeError) as err:
         raise CheckpointError(str(err)) from err
-    if any(ROUTER_MARKER in k for k in state):
-        from .dydit import DyDiT
-
-        model = DyDiT(config, arch=arch)
-    else:
-        model = DiT(config, arch=arch)
+    model = (DyDiT if checkpoint_kind(state) == "dydit" else DiT)(config, arch=arch)
     check_state_dict(model, state, arch)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.to(device).eval()
@@ -165,8 +167,6 @@ def export_checkpoint(src: str | Path, dst: str | Path, fp16: bool = True, weigh
     state, args = split_checkpoint(obj)
     if fp16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    from .training import atomic_save
-
     keep = {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, dict, type(None)))}
     keep["step"] = obj.get("step", args.get("step"))
     keep["weights"] = weights
@@ -174,5 +174,59 @@ def export_checkpoint(src: str | Path, dst: str | Path, fp16: bool = True, weigh
     return Path(dst)
 
 
-def config_dict(model: DiT) -> dict[str, Any]:
-    return dataclasses.asdict(model.config)
+def checkpoint_kind(state: dict[str, torch.Tensor]) -> str:
+    """``flexidit``, ``dydit`` or ``dit``, read off a state dict's keys."""
+    if any(k.startswith(FLEX_PREFIX) for k in state):
+        return "flexidit"
+    if any(ROUTER_MARKER in k for k in state):
+        return "dydit"
+    return "dit"
+
+
+def load_flexidit(path_or_obj, arch: str | None = None, device: str | torch.device = "cpu",
+                  **options) -> FlexiDiT:
+    """Load a FlexiDiT checkpoint (path, or an already read checkpoint / state dict), eval mode.
+
+    The native part is built exactly as :func:`load_model` builds a DiT (recorded arch and
+    config, options read off the weights; ``options`` as there); the extra patch sizes are
+    read off the ``flex_*`` keys. EMA weights are preferred.
+    """
+    obj = path_or_obj if isinstance(path_or_obj, dict) else read_checkpoint(path_or_obj)
+    state, args = split_checkpoint(obj)
+    patches = flex_patches_in(state)
+    if not patches:
+        raise ValueError("not a FlexiDiT checkpoint: no flex_embedders.<patch> weights")
+    native = {k: v for k, v in state.items() if not k.startswith(FLEX_PREFIX)}
+    dit = load_model({"ema": native, "args": args}, arch=arch, **options)
+    model = FlexiDiT(dit.config, arch=dit.arch, coarse_patches=patches,
+                     resize=args.get("resize", "bilinear"), pos=args.get("pos", "center"))
+    check_state_dict(model, state, dit.arch)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_training_checkpoint(path: str | Path, model: DiT, ema: DiT, opt: torch.optim.Optimizer,
+                             config, step: int, **extra) -> None:
+    """The one resumable checkpoint format: ``{"model", "ema", "opt", "args", "step"}``.
+
+    ``args`` holds the run's config (a dataclass), the model's arch, config and kind, and
+    ``extra`` (e.g. FlexiDiT's patch sizes), so :func:`load_model` rebuilds the model alone.
+    """
+    args = dataclasses.asdict(config) | {"arch": model.arch, "model_config": dataclasses.asdict(model.config),
+                                         "kind": checkpoint_kind(model.state_dict())} | extra
+    atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "args": args, "step": step}, path)

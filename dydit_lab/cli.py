@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
+import re
 import sys
 
-from .finetuning import FinetuneConfig
-from .training import TrainConfig
+from .bench.run import parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
+from .checkpoints import export_checkpoint, load_model
+from .data import mnist_split
+from .evaluation.metrics import SampleEvaluator, load_classifier, train_classifier
+from .evaluation.report import count_flops_report, evaluate_checkpoint
+from .evaluation.results import record_result
+from .evaluation.strategies import compare_strategies
+from .flops import schedule_flops
+from .models.configs import get_config
+from .models.dydit import DyDiT, sampling_flops
+from .paths import BENCH_DIR, CHECKPOINT_DIR, DEFAULT_CLASSIFIER, FIGURES_DIR, RESULTS_CSV, resolve_device
+from .training.dydit import FinetuneConfig, finetune
+from .training.flexidit import FlexiFinetuneConfig, flexi_finetune
+from .training.pretrain import TrainConfig, train
+from .viz.figures import build_figures, describe
 
 
 def _field_comments(cls) -> dict[str, str]:
-    """The trailing ``# comment`` of each dataclass field: the config's own explanation."""
-    import inspect
-    import re
-
-    found = (re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line) for line in inspect.getsource(cls).splitlines())
-    return {m.group(1): m.group(2) for m in found if m}
+    """The trailing ``# comment`` of each dataclass field (the subclass's wins): the config's
+    own explanation."""
+    comments: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        lines = inspect.getsource(klass).splitlines()
+        found = (re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line) for line in lines)
+        comments.update({m.group(1): m.group(2) for m in found if m})
+    return comments
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -40,35 +57,24 @@ def _dataclass_from(args: argparse.Namespace, cls):
 
 
 def cmd_train(args):
-    from .training import train
-
     path = train(_dataclass_from(args, TrainConfig))
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {path}")
 
 
 def cmd_train_classifier(args):
-    from .evaluation import train_classifier
-
     result = train_classifier(args.out, epochs=args.epochs, seed=args.seed)
     print(json.dumps(result))
 
 
 def cmd_export(args):
-    from .checkpoints import export_checkpoint
-
     print(f"wrote {export_checkpoint(args.checkpoint, args.out, fp16=not args.fp32, weights=args.weights)}")
 
 
 def cmd_evaluate(args):
-    from .evaluation import SampleEvaluator, evaluate_checkpoint, load_classifier
-    from .training import resolve_device
-
     device = resolve_device(args.device)
     evaluator = SampleEvaluator(load_classifier(args.classifier), device=device)
     if args.checkpoint == "real-val":  # the floor: real validation digits vs the train split
-        from .data import mnist_split
-
         metrics = {"checkpoint": "real-val", **evaluator.score(*mnist_split("val").tensors)}
     else:
         metrics = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, steps=args.steps,
@@ -78,15 +84,10 @@ def cmd_evaluate(args):
                                       device=device)
     print(json.dumps(metrics))
     if args.results:
-        from .results import record_result
-
         record_result(args.results, {**metrics, "name": args.name or args.checkpoint})
 
 
 def cmd_compare(args):
-    from .strategies import compare_strategies
-    from .training import resolve_device
-
     table = compare_strategies(args.only, num_samples=args.num_samples, seed=args.seed,
                                checkpoint_dir=args.checkpoint_dir, results=args.results,
                                timing_rounds=args.timing_rounds, timing_samples=args.timing_samples,
@@ -96,19 +97,11 @@ def cmd_compare(args):
 
 
 def cmd_finetune(args):
-    from .finetuning import finetune
-
     print(f"checkpoint: {finetune(_dataclass_from(args, FinetuneConfig))}")
 
 
 def cmd_flops(args):
-    from .flops import count_flops_report, sampling_flops
-
     if args.checkpoint:
-        from .checkpoints import load_model
-        from .dydit import DyDiT
-        from .training import resolve_device
-
         device = resolve_device(args.device)
         model = load_model(args.checkpoint, device=device)
         if not isinstance(model, DyDiT):
@@ -128,14 +121,10 @@ def cmd_flops(args):
 
 
 def cmd_figures(args):
-    from .figures import build_figures, describe
-
     print(describe(build_figures(args.out, only=args.only, device=args.device)))
 
 
 def cmd_bench(args):
-    from .bench import BENCH_DIR, parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
-
     common = dict(input_size=args.input_size, target_ratio=args.target_ratio, steps=args.steps,
                   repeats=args.repeats, device=args.device, seed=args.seed,
                   keep_rate=args.keep_rate, threads=args.threads, verbose=not args.quiet)
@@ -155,15 +144,10 @@ def cmd_bench(args):
 
 
 def cmd_flexi_finetune(args):
-    from .flexidit import FlexiFinetuneConfig, flexi_finetune
-
     print(f"checkpoint: {flexi_finetune(_dataclass_from(args, FlexiFinetuneConfig))}")
 
 
 def cmd_flexi_flops(args):
-    from .flexidit import schedule_flops
-    from .models import get_config
-
     cfg = get_config(args.arch, **({"input_size": args.input_size} if args.input_size else {}))
     ks = [int(k) for k in args.coarse_steps.split(",") if k.strip()]
     rows = [schedule_flops(cfg, args.coarse_patch or None, k, args.steps) for k in ks]
@@ -188,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-classifier", help="train the LeNet used for FD-LeNet and accuracy")
-    p.add_argument("--out", default="data/lenet_mnist.pt")
+    p.add_argument("--out", default=str(DEFAULT_CLASSIFIER))
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_classifier)
@@ -204,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="class accuracy and FD-LeNet of generated digits")
     p.add_argument("--checkpoint", required=True,
                    help="a model checkpoint, or real-val to score the real validation digits (the floor)")
-    p.add_argument("--classifier", default="data/lenet_mnist.pt")
+    p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--method", choices=["ddim", "ddpm"], default="ddim")
@@ -230,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-rounds", type=int, default=3, help="round-robin timing passes (median)")
     p.add_argument("--timing-samples", type=int, default=100, help="images per timed sampling run")
     p.add_argument("--timing-only", action="store_true", help="re-time the existing rows, keep their quality")
-    p.add_argument("--checkpoint-dir", default="data/checkpoints")
-    p.add_argument("--results", default="data/results.csv")
+    p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
+    p.add_argument("--results", default=str(RESULTS_CSV))
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_compare)
 
@@ -251,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
     p = sub.add_parser("figures", help="regenerate figures/*.png from the committed checkpoints")
-    p.add_argument("--out", default="figures")
+    p.add_argument("--out", default=str(FIGURES_DIR))
     p.add_argument("--only", nargs="*", help="figure names (default: all)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_figures)
@@ -272,8 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
-    from .flexidit import FlexiFinetuneConfig
-
     p = sub.add_parser("flexi-finetune", help="fine-tune a DiT into a FlexiDiT (extra coarse patch)")
     _add_dataclass_flags(p, FlexiFinetuneConfig)
     p.set_defaults(func=cmd_flexi_finetune)

@@ -234,7 +234,7 @@ class GaussianDiffusion:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         randn = lambda: torch.randn(shape, generator=gen).to(device)  # noqa: E731
         x = randn()
-        model_fn = self._guided(model, cfg_scale, null_label)
+        model_fn = guided(model, cfg_scale, null_label)
         steps = list(range(self.num_timesteps))[::-1]
         for i in tqdm(steps, desc=f"{method} sampling", disable=not progress, leave=False):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
@@ -255,19 +255,40 @@ class GaussianDiffusion:
                 callback(len(steps) - 1 - i, int(self.timestep_map[i]), x)
         return x
 
-    @staticmethod
-    def _guided(model, cfg_scale: float, null_label: int | None):
-        if cfg_scale == 1.0:
-            return model
 
-        def fn(x, t, y):
-            null = getattr(model, "num_classes", None) if null_label is None else null_label
-            if null is None:
-                raise ValueError("cfg_scale != 1 needs null_label or a model with num_classes")
-            out = model.forward_with_cfg(
-                torch.cat([x, x]), torch.cat([t, t]),
-                torch.cat([y, torch.full_like(y, null)]), cfg_scale,
-            )
-            return out[: len(x)]
+# ---------------------------------------------------------------------------
+# Classifier-free guidance, for any model(x, t, y)
+# ---------------------------------------------------------------------------
 
-        return fn
+
+def guide_doubled_output(out: torch.Tensor, channels: int, cfg_scale: float) -> torch.Tensor:
+    """Guide the output of a batch whose first half is conditional and second half carries
+    the null label: ``uncond + s * (cond - uncond)`` on the ``channels`` eps channels, written
+    to both halves; the other channels (learned sigma) are kept as predicted.
+
+    All eps channels are guided; the official code guides only the first three by default.
+    """
+    eps, rest = out[:, :channels], out[:, channels:]
+    cond, uncond = eps.chunk(2)
+    half = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([half, half]), rest], dim=1)
+
+
+def guided(model: Callable, cfg_scale: float, null_label: int | None = None) -> Callable:
+    """``model`` itself when ``cfg_scale == 1``, else a callable ``(x, t, y)`` that runs the
+    conditional and unconditional batch in one forward and returns the guided output.
+
+    ``null_label`` defaults to ``model.num_classes`` (DiT's extra CFG row). Works for any
+    callable with DiT's signature: wrappers need no guidance code of their own.
+    """
+    if cfg_scale == 1.0:
+        return model
+    null = getattr(model, "num_classes", None) if null_label is None else null_label
+    if null is None:
+        raise ValueError("cfg_scale != 1 needs null_label or a model with num_classes")
+
+    def fn(x, t, y):
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+        return guide_doubled_output(out, x.shape[1], cfg_scale)[: len(x)]
+
+    return fn

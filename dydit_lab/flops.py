@@ -23,7 +23,7 @@ DyDiT's dynamic cost is a pure function of routing records: :func:`dynamic_block
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 import warnings
 from collections import Counter
@@ -40,7 +40,7 @@ with warnings.catch_warnings():
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-from .models import DiT, DiTConfig, TimestepEmbedder, get_config
+from .models.configs import FREQUENCY_EMBEDDING_SIZE, DiTConfig, coarse_patch_sizes, get_config
 
 Number = Union[int, float]
 
@@ -93,8 +93,7 @@ def _frequency_size(config_or_model) -> int:
     t_embedder = getattr(config_or_model, "t_embedder", None)
     if t_embedder is not None:
         return t_embedder.frequency_embedding_size
-    # Read the default from the class so this file never drifts from models.py.
-    return inspect.signature(TimestepEmbedder).parameters["frequency_embedding_size"].default
+    return FREQUENCY_EMBEDDING_SIZE
 
 
 # ---------------------------------------------------------------------------
@@ -262,7 +261,7 @@ def _sdpa_flop_jit(inputs, outputs) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-def _fvcore_counts(model: nn.Module, input_size: int | None, batch_size: int) -> Counter:
+def fvcore_counts(model: nn.Module, input_size: int | None, batch_size: int) -> Counter:
     """MACs by operator (fvcore names, e.g. ``linear``) of one traced forward of ``model``."""
     img_size = model.x_embedder.img_size
     if input_size is not None and input_size != img_size:
@@ -297,95 +296,57 @@ def fvcore_flops(
     ``input_size`` defaults to the model's and must match it. With ``count_sdpa=False`` the
     attention matmuls are left out, which is what stock fvcore reports.
     """
-    counts = _fvcore_counts(model, input_size, batch_size)
+    counts = fvcore_counts(model, input_size, batch_size)
     if not count_sdpa:
         counts.pop("scaled_dot_product_attention", None)
     return int(round(sum(counts.values())))
 
 
 # ---------------------------------------------------------------------------
-# Report (CLI)
+# FlexiDiT sampling schedules
 # ---------------------------------------------------------------------------
 
 
-def _model_for_counting(config: DiTConfig, arch: str) -> DiT:
-    """A DiT with uninitialised CPU weights: FLOPs do not depend on the values, and skipping
-    the initialisation saves ~8 s on DiT-XL/2 (its pages are mostly never even touched)."""
-    with torch.device("meta"):
-        model = DiT(config, arch=arch)
-    return model.to_empty(device="cpu")
+def schedule_flops(config, coarse_patch: int | None, coarse_steps: int, total_steps: int) -> dict:
+    """Exact MACs (DiT convention, one image, one forward per step, no CFG doubling) of a
+    sampling run whose ``coarse_steps`` noisiest of ``total_steps`` steps use ``coarse_patch``.
 
-
-def count_flops_report(arch: str, input_size: int = 32) -> dict:
-    """FLOPs (MACs) and parameters of preset ``arch`` at ``input_size``, for ONE sample.
-
-    Keys: ``arch``, ``input_size``, ``tokens``, ``params_m``, ``macs`` (exact integer),
-    ``gflops`` (analytic, = macs / 1e9), ``gflops_fvcore`` (fvcore with the attention handle;
-    equals ``gflops``), ``gflops_fvcore_naive`` (stock fvcore, without attention matmuls), then
-    ``gflops_<part>`` for every part of :func:`analytic_flops`.
-    Raises ValueError for an unknown arch or an input size the patch size does not divide.
+    A coarse forward costs exactly what :func:`analytic_flops` counts for the
+    same config with ``patch_size`` replaced: its patch embedding (q x q conv on (H/q)^2
+    tokens), blocks and norms on (H/q)^2 tokens, shared t-embedder and adaLN, its final linear
+    (hidden -> q*q*out per token) and the same unpatchify charge. ``config``: a DiTConfig, a
+    model with ``.config`` or a preset name; ``coarse_patch`` None/0: 2 x native.
     """
-    if input_size <= 0:
-        raise ValueError(f"input_size must be positive, got {input_size}")
-    cfg = get_config(arch, input_size=input_size)  # ValueError: unknown arch / indivisible size
-    model = _model_for_counting(cfg, arch)
-    counts = _fvcore_counts(model, input_size, batch_size=1)
-    fvcore_total = sum(counts.values())
-    parts = analytic_flops(cfg)
-    report = {
-        "arch": arch,
-        "input_size": input_size,
-        "tokens": num_tokens(cfg),
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "macs": parts["total"],
-        "gflops": parts["total"] / 1e9,
-        "gflops_fvcore": fvcore_total / 1e9,
-        # One trace serves both: stock fvcore is the same count minus the SDPA handle's share.
-        "gflops_fvcore_naive": (fvcore_total - counts.get("scaled_dot_product_attention", 0)) / 1e9,
-    }
-    report.update({f"gflops_{name}": macs / 1e9 for name, macs in parts.items() if name != "total"})
-    return report
-
-
-# ---------------------------------------------------------------------------
-# Dynamic FLOPs of a real sampling run
-# ---------------------------------------------------------------------------
-
-
-def sampling_flops(model, steps: int = 50, num_samples: int = 20, method: str = "ddim",
-                   cfg_scale: float = 1.0, seed: int = 0, device="cpu", progress: bool = True) -> dict:
-    """Run a DyDiT sampling pass and count the MACs its routing actually used.
-
-    Every sample, block and step is counted from its own routing record (active heads,
-    MLP groups, kept tokens), with the static parts and the routers charged in full.
-    Returns mean GFLOPs per image per step, the fraction of the static model, and the
-    per-step means (the schedule a plot wants).
-    """
-    from .diffusion import GaussianDiffusion
-    from .dydit import RoutingRecorder
-
-    cfg = model.config
-    recorder = RoutingRecorder(model.eval())
-    diffusion = GaussianDiffusion(learn_sigma=cfg.learn_sigma).respaced(steps)
-    y = (torch.arange(num_samples) % model.num_classes).to(device)
-    size = cfg.input_size
-    with torch.no_grad():
-        diffusion.sample(recorder, y, (num_samples, model.in_channels, size, size), method=method,
-                         cfg_scale=cfg_scale, seed=seed, progress=progress)
-    static = analytic_flops(cfg)["total"]
-    per_step = [r.macs(cfg).mean().item() for r in recorder.records]
-    timesteps = [int(r.t[0]) for r in recorder.records]
-    mean = sum(per_step) / len(per_step)
-    # The quantity the fine-tuning loss constrains to lambda (attention + MLP of the blocks).
-    block = sum(r.block_flops_fraction(cfg).mean().item() for r in recorder.records) / len(recorder.records)
+    cfg = _as_config(config)
+    q = coarse_patch_sizes(cfg, coarse_patch)[0]
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if not 0 <= coarse_steps <= total_steps:
+        raise ValueError(f"coarse_steps must lie in [0, {total_steps}], got {coarse_steps}")
+    native = analytic_flops(cfg)["total"]
+    coarse = analytic_flops(dataclasses.replace(cfg, patch_size=q))["total"]
+    total = coarse_steps * coarse + (total_steps - coarse_steps) * native
     return {
-        "arch": model.arch, "steps": steps, "num_samples": num_samples, "method": method,
-        "cfg_scale": cfg_scale, "gflops_per_image_step": mean / 1e9,
-        "static_gflops": static / 1e9, "flops_fraction": mean / static,
-        "block_flops_fraction": block,
-        "per_step_timesteps": timesteps,
-        "per_step_fraction": [f / static for f in per_step],
-        "per_step_heads": [r.heads.mean().item() for r in recorder.records],
-        "per_step_groups": [r.groups.mean().item() for r in recorder.records],
-        "per_step_tokens": [r.tokens.mean().item() for r in recorder.records],
+        "native_patch": cfg.patch_size, "coarse_patch": q,
+        "coarse_steps": coarse_steps, "total_steps": total_steps,
+        "native_macs": native, "coarse_macs": coarse, "total_macs": total,
+        "native_gflops": native / 1e9, "coarse_gflops": coarse / 1e9,
+        "gflops_per_image_step": total / total_steps / 1e9,
+        "total_gflops": total / 1e9,
+        "flops_fraction": total / (total_steps * native),
     }
+
+
+# ---------------------------------------------------------------------------
+# DyDiT bounds
+# ---------------------------------------------------------------------------
+
+
+def dydit_flops_bounds(config: DiTConfig) -> tuple[float, float]:
+    """(floor, all-on) FLOPs fractions of a DyDiT, routers included: the floor keeps only
+    head 0 and group 0 and no token in every block; all-on runs everything (plus routers)."""
+    total = analytic_flops(config)["total"]
+    N, H = num_tokens(config), config.num_heads
+    floor = dynamic_model_flops(config, [(1, 1, 0)] * config.depth) / total
+    full = dynamic_model_flops(config, [(H, H, N)] * config.depth) / total
+    return floor, full

@@ -16,33 +16,27 @@ second trains the dynamic model alone.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoints import load_model
-from .data import load_dataset
-from .diffusion import GaussianDiffusion, min_snr_weights
-from .dydit import DyDiT
-from .training import append_log, atomic_save, optimizer_step, resolve_device, restore_or_refuse
-
-CHECKPOINT_NAME = "checkpoint.pt"
+from ..checkpoints import CheckpointError, load_model
+from ..diffusion import GaussianDiffusion
+from ..models.dydit import DyDiT
+from ..paths import CHECKPOINT_DIR
+from .loop import Batch, LoopConfig, Objective, StepResult, run_training, stratified_timesteps
 
 
 @dataclass
-class FinetuneConfig:
-    parent: str = "data/checkpoints/DiT-lab-L.pt"  # the trained DiT (or DyDiT) to start from
+class FinetuneConfig(LoopConfig):
+    parent: str = str(CHECKPOINT_DIR / "DiT-lab-L.pt")  # the trained DiT (or DyDiT) to start from
     out: str = "runs/dydit-L"
     target_ratio: float = 0.5  # lambda: FLOPs of the DyDiT / FLOPs of the parent
     steps: int = 1200  # 10 % of DiT-lab-L's pre-training steps
     hold_steps: int = 50  # target = 1 while the routers settle
     anneal_steps: int = 500  # target reaches target_ratio here
     batch_size: int = 64
-    lr: float = 1e-4
     router_lr: float = 3e-3  # routers start saturated and must move within a short fine-tune
     tdw_init_bias: float = 15.0  # official value
     sdt_init_bias: float = 5.0  # official 35 suits 200k steps; SDT could not move in ours
@@ -51,13 +45,9 @@ class FinetuneConfig:
     noise_off_step: int = 900  # Gumbel noise fades from anneal_steps to 0 here, then gates as in sampling (0: never)
     router_objective: str = "relative"  # relative: routers weigh each t's loss by 1 / the parent's loss there; absolute: official
     distill: float = 0.0  # regress on (1 - distill) * noise + distill * the parent's prediction (0: official)
-    min_snr_gamma: float = 5.0
     ema_decay: float = 0.995  # kept, but export the online weights: an EMA of router weights routes differently
-    grad_clip: float = 1.0
-    seed: int = 0
     ckpt_minutes: float = 4.0
-    device: str = "auto"
-    resume: bool = False  # go on from OUT/checkpoint.pt
+    lr: float = 1e-4  # the DiT weights; routers use router_lr
 
 
 def target_at(step: int, cfg: FinetuneConfig) -> float:
@@ -126,15 +116,76 @@ def distillation_target(teacher: DyDiT, diffusion: GaussianDiffusion, x_t, t, y,
     return (1.0 - distill) * noise + distill * eps
 
 
-def stratified_timesteps(batch: int, num_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """Equal shares of the batch from each quarter of [0, T), so every noise level is present."""
-    quarter = num_timesteps // 4
-    offsets = (torch.arange(batch) % 4) * quarter
-    return offsets + torch.randint(quarter, (batch,), generator=generator)
+class DyDiTObjective(Objective):
+    """Diffusion loss of the routed model + the FLOPs penalty; routers on their own objective."""
+
+    log_fields = ["complete_loss", "flops_fraction", "target", "gumbel_noise", "heads", "groups", "tokens"]
+
+    def __init__(self, cfg: FinetuneConfig):
+        check_finetune_config(cfg)
+        self.cfg = cfg
+        self.name = f"finetune lambda={cfg.target_ratio}"
+        self.teacher = self.profile = self.router_params = None
+
+    def build(self, device):
+        parent = load_parent(self.cfg.parent)
+        if not isinstance(parent, DyDiT):
+            parent = DyDiT.from_dit(parent, tdw_bias=self.cfg.tdw_init_bias, sdt_bias=self.cfg.sdt_init_bias)
+        model = parent.to(device)
+        # Copied before the checkpoint is restored: on --resume too, the teacher is the parent.
+        if self.cfg.distill:
+            self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        return model
+
+    def param_groups(self, model):
+        self.router_params = model.router_parameters()
+        routers = set(map(id, self.router_params))
+        return [
+            {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in routers],
+             "lr": self.cfg.lr},
+            {"params": self.router_params, "lr": self.cfg.router_lr},
+        ]
+
+    def prepare(self, model, diffusion, images, labels):
+        self.model = model
+        if self.cfg.router_objective == "relative":  # measured on the parent, before any step (and on resume)
+            self.profile = loss_profile(model, diffusion, images, labels, torch.Generator().manual_seed(self.cfg.seed))
+
+    def timesteps(self, batch, num_timesteps, generator):
+        return stratified_timesteps(batch, num_timesteps, generator)
+
+    def loss(self, forward, diffusion, batch: Batch) -> StepResult:
+        cfg, model = self.cfg, self.model
+        x_t = diffusion.q_sample(batch.x0, batch.t, batch.noise)
+        target_eps = (batch.noise if self.teacher is None else
+                      distillation_target(self.teacher, diffusion, x_t, batch.t, batch.y, batch.noise, cfg.distill))
+        noise_scale = gumbel_noise_at(batch.step, cfg)
+        model.set_gumbel_noise(noise_scale)
+        out, routing = forward(x_t, batch.t, batch.y, return_routing=True)
+        terms = diffusion.losses_from_output(out, batch.x0, x_t, batch.t, target_eps, batch.weights)
+        dynamic = terms["loss"].mean()
+        fraction = routing.block_flops_fraction(model.config).mean()
+        target = target_at(batch.step, cfg)
+        flops_penalty = cfg.flops_weight * (fraction - target) ** 2
+        loss = dynamic + flops_penalty
+        complete = torch.zeros(())
+        if batch.step < cfg.complete_model_steps:
+            out_full = forward(x_t, batch.t, batch.y, complete_model=True)
+            complete = diffusion.losses_from_output(out_full, batch.x0, x_t, batch.t, batch.noise,
+                                                    batch.weights)["loss"].mean()
+            loss = loss + complete
+        override = None
+        if self.profile is not None:  # the routers' own objective; the weights keep the diffusion loss
+            relative = (terms["mse"] * relative_weights(batch.t, self.profile, diffusion.num_timesteps)
+                        + terms.get("vb", 0.0))
+            override = (self.router_params, relative.mean() + flops_penalty)
+        log = {"loss": dynamic.item(), "complete_loss": complete.item(), "flops_fraction": fraction.item(),
+               "target": target, "gumbel_noise": noise_scale, "heads": routing.heads.mean().item(),
+               "groups": routing.groups.mean().item(), "tokens": routing.tokens.mean().item()}
+        return StepResult(loss, log, override)
 
 
-def finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune (or resume) and return the checkpoint path."""
+def check_finetune_config(cfg: FinetuneConfig) -> None:
     if not 0 < cfg.target_ratio <= 1:
         raise ValueError(f"target_ratio must be in (0, 1], got {cfg.target_ratio}")
     if cfg.router_objective not in ("relative", "absolute"):
@@ -143,82 +194,16 @@ def finetune(cfg: FinetuneConfig) -> Path:
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     if cfg.noise_off_step and not cfg.anneal_steps < cfg.noise_off_step <= cfg.steps:
         raise ValueError(f"noise_off_step must be 0 or in (anneal_steps, steps], got {cfg.noise_off_step}")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT_NAME
-    parent = load_model(cfg.parent)
-    if not isinstance(parent, DyDiT):
-        parent = DyDiT.from_dit(parent, tdw_bias=cfg.tdw_init_bias, sdt_bias=cfg.sdt_init_bias)
-    model = parent.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # Copied before the checkpoint is restored: on --resume too, the teacher is the parent.
-    teacher = copy.deepcopy(model).requires_grad_(False).eval() if cfg.distill else None
-    router_params = model.router_parameters()
-    routers = set(map(id, router_params))
-    opt = torch.optim.AdamW([
-        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in routers], "lr": cfg.lr},
-        {"params": router_params, "lr": cfg.router_lr},
-    ], weight_decay=0.0)
-    images, labels = (x.to(device) for x in load_dataset("mnist", "train").tensors)
-    diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
-    profile = None
-    if cfg.router_objective == "relative":  # measured on the parent, before any step (and again on resume)
-        profile = loss_profile(model, diffusion, images, labels, torch.Generator().manual_seed(cfg.seed))
-    step = restore_or_refuse(ckpt_path, cfg.resume, model, ema, opt, device)
-
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step * 7919)
-    out.mkdir(parents=True, exist_ok=True)
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"finetune lambda={cfg.target_ratio}")
-    last_save = time.time()
-    while step < cfg.steps:
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).to(device)
-        x0, y = images[idx], labels[idx]
-        t = stratified_timesteps(cfg.batch_size, diffusion.num_timesteps, gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        weights = (min_snr_weights(diffusion.alphas_cumprod, t.cpu(), cfg.min_snr_gamma).float().to(device)
-                   if cfg.min_snr_gamma > 0 else None)
-        x_t = diffusion.q_sample(x0, t, noise)
-        target_eps = (noise if teacher is None
-                      else distillation_target(teacher, diffusion, x_t, t, y, noise, cfg.distill))
-        noise_scale = gumbel_noise_at(step, cfg)
-        model.set_gumbel_noise(noise_scale)
-        out_dyn, routing = model(x_t, t, y, return_routing=True)
-        terms = diffusion.losses_from_output(out_dyn, x0, x_t, t, target_eps, weights)
-        dyn = terms["loss"].mean()
-        fraction = routing.block_flops_fraction(model.config).mean()
-        target = target_at(step, cfg)
-        flops_penalty = cfg.flops_weight * (fraction - target) ** 2
-        loss = dyn + flops_penalty
-        complete = torch.zeros(())
-        if step < cfg.complete_model_steps:
-            out_full = model(x_t, t, y, complete_model=True)
-            complete = diffusion.losses_from_output(out_full, x0, x_t, t, noise, weights)["loss"].mean()
-            loss = loss + complete
-        router_loss = None
-        if profile is not None:  # the routers' own objective; the weights keep the diffusion loss
-            relative = terms["mse"] * relative_weights(t, profile, diffusion.num_timesteps) + terms.get("vb", 0.0)
-            router_loss = (router_params, relative.mean() + flops_penalty)
-        optimizer_step(loss, model.parameters(), opt, cfg.grad_clip, ema, model, cfg.ema_decay,
-                       override=router_loss)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{dyn.item():.4f}", flops=f"{fraction.item():.3f}", target=f"{target:.3f}")
-        append_log(out / "log.csv", {
-            "step": step, "loss": dyn.item(), "complete_loss": complete.item(),
-            "flops_fraction": fraction.item(), "target": target, "gumbel_noise": noise_scale,
-            "heads": routing.heads.mean().item(), "groups": routing.groups.mean().item(),
-            "tokens": routing.tokens.mean().item()})
-        if time.time() - last_save > 60 * cfg.ckpt_minutes or step == cfg.steps:
-            save(ckpt_path, model, ema, opt, cfg, step)
-            last_save = time.time()
-    bar.close()
-    return ckpt_path
 
 
-def save(path, model, ema, opt, cfg: FinetuneConfig, step: int) -> None:
-    args = dataclasses.asdict(cfg) | {"arch": model.arch, "model_config": dataclasses.asdict(model.config),
-                                      "kind": "dydit"}
-    atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "args": args, "step": step}, path)
+def load_parent(path):
+    """The model a fine-tune starts from; a file that is no DiT is named in the error."""
+    try:
+        return load_model(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"--parent {path} is not a DiT checkpoint: {err}") from err
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Fine-tune a DiT into a DyDiT (or resume) and return the checkpoint path."""
+    return run_training(cfg, DyDiTObjective(cfg))

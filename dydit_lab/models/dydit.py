@@ -19,61 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import flops as flops_lib
-from .models import DiT, DiTBlock, DiTConfig, modulate
-from .routers import SDT_INIT_BIAS, TDW_INIT_BIAS, TokenRouter, WidthRouter, init_routers_all_on
+from .. import flops as flops_lib
+from ..diffusion import GaussianDiffusion
+from .dit import DiT, DiTBlock, DiTConfig, modulate
+from .routers import SDT_INIT_BIAS, TDW_INIT_BIAS, Routing, TokenRouter, WidthRouter, init_routers_all_on
 
 EXECUTIONS = ("sliced", "masked")
 SLICE_CACHE_SIZE = 16  # routing patterns kept per block (consecutive steps mostly share one)
-
-
-# ---------------------------------------------------------------------------
-# Routing record
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Routing:
-    """The gates a forward pass used, per sample and block (0/1 values; in training they
-    carry straight-through gradients).
-
-    heads (B, depth, H), groups (B, depth, H), tokens (B, depth, N), t (B,).
-    """
-
-    heads: torch.Tensor
-    groups: torch.Tensor
-    tokens: torch.Tensor
-    t: torch.Tensor
-
-    def counts(self) -> torch.Tensor:
-        """(B, depth, 3) active heads, active MLP groups, kept tokens."""
-        return torch.stack([self.heads.sum(-1), self.groups.sum(-1), self.tokens.sum(-1)], -1)
-
-    def block_flops_fraction(self, config: DiTConfig, tokens: int | None = None) -> torch.Tensor:
-        """Per-sample fraction of the blocks' attention + MLP MACs that ran (the quantity the
-        official fine-tuning loss constrains; embedders, adaLN and final layer not counted).
-        Differentiable through straight-through gates. ``tokens`` sets the sequence length
-        the per-block costs are taken at (default: the routed one)."""
-        parts = flops_lib.block_flops(config, tokens or self.tokens.shape[-1])
-        H = self.heads.shape[-1]
-        attn = parts["attn"] * self.heads.sum(-1) / H
-        mlp = parts["mlp"] * (self.groups.sum(-1) / H) * self.tokens.mean(-1)
-        return (attn + mlp).sum(-1) / (config.depth * (parts["attn"] + parts["mlp"]))
-
-    def macs(self, config: DiTConfig, include_routers: bool = True) -> torch.Tensor:
-        """Exact MACs of the whole forward, per sample (static parts charged in full)."""
-        counts = self.counts().detach().cpu().tolist()
-        return torch.tensor([
-            float(flops_lib.dynamic_model_flops(config, [tuple(r) for r in sample],
-                                                include_routers=include_routers))
-            for sample in counts])
-
-    def flops_fraction(self, config: DiTConfig, include_routers: bool = True) -> torch.Tensor:
-        """Per-sample MACs as a fraction of the static DiT's."""
-        return self.macs(config, include_routers) / flops_lib.analytic_flops(config)["total"]
-
-    def detach(self) -> "Routing":
-        return Routing(*(x.detach() for x in (self.heads, self.groups, self.tokens, self.t)))
 
 
 # ---------------------------------------------------------------------------
@@ -294,6 +246,13 @@ class DyDiT(DiT):
             out[rows] = sub
         return out, Routing(heads, groups, keep.to(tokens.dtype), t)
 
+    def sampling_cost(self, steps: int, method: str = "ddim", device="cpu") -> dict:
+        """The routing this DyDiT actually uses over a sampling run (:func:`sampling_flops`),
+        plus ``block_flops_fraction`` (attention + MLP only: what fine-tuning constrains to λ)."""
+        run = sampling_flops(self, steps=steps, method=method, device=device, progress=False)
+        return {k: run[k] for k in ("flops_fraction", "block_flops_fraction")} | {
+            "gflops_per_step": run["gflops_per_image_step"]}
+
     def train(self, mode: bool = True):
         # Sliced weights are views/copies of the current parameters: rebuild after training.
         self.clear_slice_cache()
@@ -329,5 +288,81 @@ class RoutingRecorder(nn.Module):
                                       (routing.heads, routing.groups, routing.tokens, routing.t))))
         return out
 
-    # Guidance is the parent's, computed through this wrapper's forward.
-    forward_with_cfg = DiT.forward_with_cfg
+
+class CompleteModel(nn.Module):
+    """A DyDiT with every head, group and token on (its routers bypassed): the control that
+    separates what fine-tuning did to the weights from what the routing costs.
+
+    ``from_t`` > 0 bypasses the routers only at timesteps t >= from_t and routes below: it
+    shows which noise levels the routing's quality cost comes from.
+    """
+
+    def __init__(self, model: DyDiT, from_t: int = 0):
+        super().__init__()
+        if not isinstance(model, DyDiT):
+            raise TypeError(f"CompleteModel needs a DyDiT, got {type(model).__name__}")
+        if not 0 <= from_t < 1000:
+            raise ValueError(f"from_t must be in [0, 1000), got {from_t}")
+        self.model, self.from_t = model, from_t
+        self.config, self.num_classes, self.in_channels = model.config, model.num_classes, model.in_channels
+
+    def forward(self, x, t, y):
+        complete = t >= self.from_t
+        if complete.all() or not complete.any():
+            return self.model(x, t, y, complete_model=bool(complete.all()))
+        full = self.model(x[complete], t[complete], y[complete], complete_model=True)
+        routed = self.model(x[~complete], t[~complete], y[~complete])
+        out = full.new_empty((len(x), *full.shape[1:]))
+        out[complete], out[~complete] = full, routed
+        return out
+
+    def sampling_cost(self, steps: int, method: str = "ddim", device="cpu") -> dict:
+        """Steps at t >= from_t cost the static model; the routed ones as in a fully routed run
+        (TDW exact, since it depends on t only; SDT keep-rates from that run)."""
+        if self.from_t == 0:
+            return DiT.sampling_cost(self.model, steps, method, device)
+        run = sampling_flops(self.model, steps=steps, method=method, device=device, progress=False)
+        fractions = [1.0 if t >= self.from_t else f
+                     for t, f in zip(run["per_step_timesteps"], run["per_step_fraction"])]
+        fraction = sum(fractions) / len(fractions)
+        return {"flops_fraction": fraction, "gflops_per_step": fraction * run["static_gflops"]}
+
+
+# ---------------------------------------------------------------------------
+# Dynamic FLOPs of a real sampling run
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sampling_flops(model: DyDiT, steps: int = 50, num_samples: int = 20, method: str = "ddim",
+                   cfg_scale: float = 1.0, seed: int = 0, device="cpu", progress: bool = True) -> dict:
+    """Run a DyDiT sampling pass and count the MACs its routing actually used.
+
+    Every sample, block and step is counted from its own routing record (active heads,
+    MLP groups, kept tokens), with the static parts and the routers charged in full.
+    Returns mean GFLOPs per image per step, the fraction of the static model, and the
+    per-step means (the schedule a plot wants).
+    """
+    cfg = model.config
+    recorder = RoutingRecorder(model.eval())
+    diffusion = GaussianDiffusion(learn_sigma=cfg.learn_sigma).respaced(steps)
+    y = (torch.arange(num_samples) % model.num_classes).to(device)
+    size = cfg.input_size
+    diffusion.sample(recorder, y, (num_samples, model.in_channels, size, size), method=method,
+                     cfg_scale=cfg_scale, seed=seed, progress=progress)
+    static = flops_lib.analytic_flops(cfg)["total"]
+    per_step = [r.macs(cfg).mean().item() for r in recorder.records]
+    mean = sum(per_step) / len(per_step)
+    # The quantity the fine-tuning loss constrains to lambda (attention + MLP of the blocks).
+    block = sum(r.block_flops_fraction(cfg).mean().item() for r in recorder.records) / len(recorder.records)
+    return {
+        "arch": model.arch, "steps": steps, "num_samples": num_samples, "method": method,
+        "cfg_scale": cfg_scale, "gflops_per_image_step": mean / 1e9,
+        "static_gflops": static / 1e9, "flops_fraction": mean / static,
+        "block_flops_fraction": block,
+        "per_step_timesteps": [int(r.t[0]) for r in recorder.records],
+        "per_step_fraction": [f / static for f in per_step],
+        "per_step_heads": [r.heads.mean().item() for r in recorder.records],
+        "per_step_groups": [r.groups.mean().item() for r in recorder.records],
+        "per_step_tokens": [r.tokens.mean().item() for r in recorder.records],
+    }

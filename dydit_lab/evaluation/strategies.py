@@ -19,12 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
-from .evaluation import DATA_DIR, SampleEvaluator, evaluate_checkpoint, sampling_model, timed_generate
+from ..paths import CHECKPOINT_DIR, RESULTS_CSV
+from .metrics import SampleEvaluator
+from .report import evaluate_checkpoint
+from .results import read_results, record_result
+from .sampling import sampling_model, timed_generate
 
-CHECKPOINT_DIR = DATA_DIR / "checkpoints"
-RESULTS = DATA_DIR / "results.csv"
+RESULTS = RESULTS_CSV  # the default results file
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,6 @@ def time_strategies(chosen: list[Strategy], checkpoint_dir: str | Path = CHECKPO
     and taking the median over rounds keeps that drift out of the comparison (timing each
     strategy in one block, one after another, put two identical workloads 1.5x apart here).
     """
-    import torch
-
     models = {s.name: s.model(checkpoint_dir, device) for s in chosen}
     times: dict[str, list[float]] = {s.name: [] for s in chosen}
     for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress):
@@ -92,16 +94,12 @@ def compare_strategies(names: list[str] | None = None, num_samples: int = 1000, 
                        device="cpu", progress: bool = True) -> pd.DataFrame:
     """Evaluate each selected strategy; upsert rows into ``results`` (None: don't write).
 
-    Quality and compute come from :func:`~dydit_lab.evaluation.evaluate_checkpoint`
+    Quality and compute come from :func:`~dydit_lab.evaluation.report.evaluate_checkpoint`
     (``num_samples`` each, same seeds); ``seconds_per_image`` is then replaced by the
     round-robin median of :func:`time_strategies`. ``quality=False`` only re-times the
     strategies and updates their existing rows. Wall-clock is only comparable between rows
     timed together (same machine, same thread count, recorded in ``threads``).
     """
-    import torch
-
-    from .results import read_results, record_result
-
     chosen = select(names)
     missing = sorted({s.checkpoint for s in chosen if not (Path(checkpoint_dir) / s.checkpoint).exists()})
     if missing:

@@ -23,26 +23,19 @@ The timed run then counts the FLOPs of the routing it actually used (``flops_rat
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
-import platform
-import statistics
-import sys
-import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import flops as flops_lib
-from .diffusion import GaussianDiffusion
-from .dydit import DyDiT, Routing
-from .models import DiT, DiTConfig, create_model, get_config
+from .. import flops as flops_lib
+from ..diffusion import GaussianDiffusion
+from ..models.configs import DiTConfig, get_config
+from ..models.dit import DiT, create_model
+from ..models.dydit import DyDiT
+from ..models.routers import Routing
 
 DEFAULT_KEEP_RATE = 0.75   # SDT: share of tokens that run the MLP (before the final nudge)
 DEFAULT_WIDTH_SLOPE = 0.6  # TDW: width share lost from t = 0 to t = 999
@@ -51,24 +44,11 @@ TOLERANCE = 0.02           # |counted fraction - target| allowed
 KEEP_MARGIN = 0.03         # the width must have this much room around the target
 SCORE_STD = 10.0           # token scores are scaled to this spread (clear of sigmoid rounding)
 MAX_ITERATIONS = 12
-BENCH_DIR = Path("data/bench")
 
 
 # ---------------------------------------------------------------------------
 # Models and inputs
 # ---------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    return device
 
 
 def build_models(arch: str, input_size: int = 32, device: str | torch.device = "cpu",
@@ -142,18 +122,8 @@ def make_inputs(model: DiT, batch_size: int, steps: int, seed: int = 0) -> Bench
 # ---------------------------------------------------------------------------
 
 
-def flops_bounds(config: DiTConfig) -> tuple[float, float]:
-    """(floor, all-on) FLOPs fractions of a DyDiT, routers included: the floor keeps only
-    head 0 and group 0 and no token in every block; all-on runs everything (plus routers)."""
-    total = flops_lib.analytic_flops(config)["total"]
-    N, H = flops_lib.num_tokens(config), config.num_heads
-    floor = flops_lib.dynamic_model_flops(config, [(1, 1, 0)] * config.depth) / total
-    full = flops_lib.dynamic_model_flops(config, [(H, H, N)] * config.depth) / total
-    return floor, full
-
-
 def check_target(config: DiTConfig, target_ratio: float) -> None:
-    floor, _ = flops_bounds(config)
+    floor, _ = flops_lib.dydit_flops_bounds(config)
     if not (math.isfinite(target_ratio) and floor <= target_ratio <= 1.0):
         raise ValueError(
             f"target ratio {target_ratio} cannot be reached: a DyDiT of this config runs between "
@@ -394,224 +364,3 @@ def set_routers(model: DyDiT, inputs: BenchInputs, target_ratio: float, *,
         raise RuntimeError(f"router setting reached {measured:.4f}, not {target_ratio} +- {tolerance}")
     per_step = per_sample.view(steps, B).mean(1).tolist()
     return RouterSetting(target_ratio, knobs[idx], width_slope, p, measured, iteration, fit_err, per_step)
-
-
-# ---------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":  # CUDA only: kernels are asynchronous, wait before reading a timer
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def _timed_pass(fn, inputs: BenchInputs, device: torch.device) -> tuple[float, list]:
-    """Seconds for one model forward at every sampled timestep, and the outputs."""
-    outs = []
-    _sync(device)
-    start = time.perf_counter()
-    for x, t in zip(inputs.x, inputs.t):
-        outs.append(fn(x, t, inputs.y))
-    _sync(device)
-    return time.perf_counter() - start, outs
-
-
-def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
-               device: torch.device | None = None) -> dict:
-    """Median seconds per pass over the steps of the static DiT and of DyDiT sliced/masked.
-
-    One untimed warm-up pass per path (it also fills the sliced-weight cache), then
-    ``repeats`` passes with the paths interleaved so that a drifting background load hits all
-    three alike. Returns the per-pass totals and the last pass's outputs and routings.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be positive, got {repeats}")
-    device = device or next(dit.parameters()).device
-    dit.eval(), dydit.eval()
-
-    def dynamic(execution):
-        def fn(x, t, y):
-            dydit.execution = execution
-            return dydit(x, t, y, return_routing=True)
-        return fn
-
-    paths = {"static": dit, "sliced": dynamic("sliced"), "masked": dynamic("masked")}
-    for fn in paths.values():
-        _timed_pass(fn, inputs, device)  # warm-up
-    times = {name: [] for name in paths}
-    last = {}
-    for _ in range(repeats):
-        for name, fn in paths.items():
-            seconds, outs = _timed_pass(fn, inputs, device)
-            times[name].append(seconds)
-            last[name] = outs
-    dydit.execution = "sliced"
-    return {"times": times, "outputs": last}
-
-
-# ---------------------------------------------------------------------------
-# Benchmark
-# ---------------------------------------------------------------------------
-
-
-def _routing_summary(config: DiTConfig, routings: list[Routing]) -> dict:
-    per_step = [float(r.flops_fraction(config).mean()) for r in routings]
-    mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
-    heads = [float(r.heads.float().mean()) for r in routings]
-    groups = [float(r.groups.float().mean()) for r in routings]
-    tokens = [float(r.tokens.float().mean()) for r in routings]
-    return {
-        "flops_ratio": mean(per_step),
-        "token_keep_rate": mean(tokens),
-        "head_fraction": mean(heads),
-        "group_fraction": mean(groups),
-        "flops_ratio_per_step": per_step,
-        "head_fraction_per_step": heads,
-        "group_fraction_per_step": groups,
-        "token_keep_rate_per_step": tokens,
-    }
-
-
-def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, batch_size: int = 2,
-                  steps: int = 4, repeats: int = 3, device: str = "auto", seed: int = 0,
-                  keep_rate: float = DEFAULT_KEEP_RATE, width_slope: float = DEFAULT_WIDTH_SLOPE,
-                  threads: int | None = None, models: tuple[DiT, DyDiT] | None = None,
-                  verbose: bool = False) -> dict:
-    """Build (or reuse) the models, set the routers for ``target_ratio`` and time the three
-    paths; returns the result record (JSON-ready). ``threads`` sets torch's intra-op thread
-    count (default: leave torch's choice, i.e. all cores or OMP_NUM_THREADS). Raises
-    ValueError for a bad arch, device, target ratio, batch size, step or repeat count."""
-    cfg = get_config(arch, input_size=input_size)
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be positive, got {threads}")
-        torch.set_num_threads(threads)
-    check_target(cfg, target_ratio)
-    if repeats < 1:
-        raise ValueError(f"repeats must be positive, got {repeats}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    dev = resolve_device(device)
-    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    t0 = time.perf_counter()
-    if models is None:
-        dit, dydit = build_models(arch, input_size, dev, seed)
-        say(f"built {arch} x2 in {time.perf_counter() - t0:.1f}s")
-    else:
-        dit, dydit = models
-    inputs = make_inputs(dit, batch_size, steps, seed)
-    t1 = time.perf_counter()
-    setting = set_routers(dydit, inputs, target_ratio, keep_rate=keep_rate, width_slope=width_slope)
-    dydit.clear_slice_cache()
-    say(f"routers set in {time.perf_counter() - t1:.1f}s ({setting.iterations} passes): "
-        f"{setting.flops_ratio:.4f} of the FLOPs")
-    t2 = time.perf_counter()
-    timing = time_paths(dit, dydit, inputs, repeats, dev)
-    say(f"timed in {time.perf_counter() - t2:.1f}s")
-
-    outs = timing["outputs"]
-    sliced_routings = [r for _, r in outs["sliced"]]
-    masked_routings = [r for _, r in outs["masked"]]
-    summary = _routing_summary(cfg, sliced_routings)
-    routing_agree = all(
-        torch.equal(a.heads, b.heads) and torch.equal(a.groups, b.groups)
-        and torch.equal(a.tokens, b.tokens) for a, b in zip(sliced_routings, masked_routings))
-    max_diff = max(float((a - b).abs().max()) for (a, _), (b, _) in zip(outs["sliced"], outs["masked"]))
-
-    per_step = lambda name: statistics.median(timing["times"][name]) / steps  # noqa: E731
-    static, dynamic, masked = per_step("static"), per_step("sliced"), per_step("masked")
-    ideal = 1.0 / summary["flops_ratio"]
-    speedup = static / dynamic
-    total = flops_lib.analytic_flops(cfg)["total"]
-    result = {
-        "arch": arch,
-        "input_size": input_size,
-        "tokens": flops_lib.num_tokens(cfg),
-        "device": str(dev),
-        "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"  # CUDA only
-                        else platform.processor() or platform.machine()),
-        "batch_size": batch_size,
-        "steps": steps,
-        "timesteps": inputs.timesteps,
-        "repeats": repeats,
-        "target_ratio": target_ratio,
-        "flops_ratio": summary["flops_ratio"],
-        "static_seconds": static,
-        "dynamic_seconds": dynamic,
-        "masked_seconds": masked,
-        "speedup": speedup,
-        "masked_speedup": static / masked,
-        "ideal_speedup": ideal,
-        "efficiency": speedup / ideal,
-        "token_keep_rate": summary["token_keep_rate"],
-        "head_fraction": summary["head_fraction"],
-        "group_fraction": summary["group_fraction"],
-        "flops_ratio_per_step": summary["flops_ratio_per_step"],
-        "head_fraction_per_step": summary["head_fraction_per_step"],
-        "group_fraction_per_step": summary["group_fraction_per_step"],
-        "token_keep_rate_per_step": summary["token_keep_rate_per_step"],
-        "static_gflops_per_sample": total / 1e9,
-        "static_pass_seconds": timing["times"]["static"],
-        "dynamic_pass_seconds": timing["times"]["sliced"],
-        "masked_pass_seconds": timing["times"]["masked"],
-        "routing_agree": routing_agree,
-        "max_abs_diff_sliced_masked": max_diff,
-        **setting.as_dict(),
-        "torch_version": torch.__version__,
-        "num_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "load_average_before": list(load_before) if load_before else None,
-        "load_average_after": list(os.getloadavg()) if load_before else None,
-        "seed": seed,
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return result
-
-
-def parse_batch_list(text: str) -> list[int]:
-    """``"1,2,4"`` -> ``[1, 2, 4]``."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--sweep-batch takes comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"--sweep-batch takes positive batch sizes, got {text!r}")
-    return values
-
-
-def _csv_cell(value):
-    return json.dumps(value) if isinstance(value, (list, dict)) else value
-
-
-def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """One row per result; columns are the keys of the first row (lists JSON-encoded)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
-    return path
-
-
-def sweep_name(arch: str, device: str, target_ratio: float) -> str:
-    slug = arch.replace("DiT-", "").replace("/", "").replace("-", "_").lower()
-    return f"{device}_{slug}_r{target_ratio:g}_sweep"
-
-
-def run_sweep(arch: str, batch_sizes: list[int], *, device: str = "auto", input_size: int = 32,
-              verbose: bool = False, **kwargs) -> list[dict]:
-    """:func:`run_benchmark` for several batch sizes on one pair of models."""
-    get_config(arch, input_size=input_size)
-    dev = resolve_device(device)
-    models = build_models(arch, input_size, dev, kwargs.get("seed", 0))
-    rows = []
-    for batch in batch_sizes:
-        rows.append(run_benchmark(arch, input_size=input_size, batch_size=batch, device=str(dev),
-                                  models=models, verbose=verbose, **kwargs))
-        if verbose:
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    return rows

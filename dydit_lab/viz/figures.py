@@ -15,18 +15,20 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from .analysis import (loss_gap, patch_loss_maps, per_timestep_loss, stroke_concentration,
-                       summarize_gap, trace_sampling)
-from .checkpoints import load_model
-from .data import mnist_split
-from .evaluation import DATA_DIR, generate
-from .plotting import (plot_flops_per_step, plot_loss_curves, plot_loss_maps, plot_quality_vs_flops,
-                       plot_sample_grid, plot_speedup_vs_batch, plot_speedup_vs_ratio, plot_strategies,
-                       plot_token_keep, plot_token_map, plot_width_curves, plot_width_heatmap,
-                       save_figure)
-from .strategies import CHECKPOINT_DIR, strategy_table
-
-FIGURES_DIR = DATA_DIR.parent / "figures"
+from ..analysis.loss_gap import loss_gap, per_timestep_loss, summarize_gap
+from ..analysis.loss_maps import patch_loss_maps, stroke_concentration
+from ..analysis.routing import trace_sampling
+from ..checkpoints import load_model
+from ..data import mnist_split
+from ..evaluation.sampling import generate
+from ..evaluation.strategies import select, strategy_table
+from ..flops import analytic_flops, num_tokens, schedule_flops
+from ..models.configs import get_config
+from ..paths import BENCH_DIR, CHECKPOINT_DIR, DATA_DIR, FIGURES_DIR
+from .plots import (plot_loss_curves, plot_loss_maps, plot_quality_vs_flops, plot_sample_grid,
+                    plot_speedup_vs_batch, plot_speedup_vs_ratio, plot_strategies, save_figure)
+from .routing_plots import (plot_flops_per_step, plot_token_keep, plot_token_map, plot_width_curves,
+                            plot_width_heatmap)
 LAB_MODELS = ("DiT-lab-S", "DiT-lab-L")
 REGENERATE = {
     "DiT-lab-S": "python -m dydit_lab train --arch DiT-lab-S --out runs/lab-S --steps 12000 "
@@ -153,7 +155,6 @@ def router_schedules_figure(traces: dict | None = None, device="cpu"):
 # Notebook 04: speed-up and quality vs FLOPs
 # ---------------------------------------------------------------------------
 
-BENCH_DIR = DATA_DIR / "bench"
 # DyDiT-XL on a V100 (paper): FLOPs fraction 84.33/118.69 and 57.88/118.69 -> measured speed-up.
 PAPER_V100 = pd.DataFrame({"flops_ratio": [84.33 / 118.69, 57.88 / 118.69], "speedup": [1.32, 1.73],
                            "label": ["paper, lambda=0.7", "paper, lambda=0.5"]})
@@ -181,9 +182,6 @@ FLOPS_TABLE_ARCHS = (("DiT-XL/2", 32), ("DiT-B/2", 32), ("DiT-S/2", 32), ("DiT-l
 def flops_table(archs=FLOPS_TABLE_ARCHS) -> pd.DataFrame:
     """Exact static GFLOPs per image per forward of the official and lab DiTs (DiT's MAC
     convention); ``input_size`` 32 is a 256 px image's latent for the official ones."""
-    from .flops import analytic_flops, num_tokens
-    from .models import get_config
-
     rows = []
     for arch, size in archs:
         cfg = get_config(arch, input_size=size)
@@ -221,7 +219,6 @@ def quality_vs_flops_figure(results: str | Path = DATA_DIR / "results.csv"):
 
 def flexidit_schedule_table(arch: str = "DiT-lab-L", steps: int = 50, coarse_steps=(0, 12, 24, 36)):
     """Exact GFLOPs of FlexiDiT sampling runs with the first k of ``steps`` steps coarse."""
-    from .flexidit import schedule_flops
 
     rows = [schedule_flops(arch, None, k, steps) for k in coarse_steps]
     return pd.DataFrame([{"coarse_steps": r["coarse_steps"], "of_steps": r["total_steps"],
@@ -235,7 +232,6 @@ SAMPLE_STRATEGIES = ("static: 50 steps", "static: 20 steps", "DyDiT: lambda = 0.
 
 def strategy_samples_figure(names=SAMPLE_STRATEGIES, num: int = 20, seed: int = 0, device="cpu"):
     """Digits 0-9 (``num`` // 10 each) from each named strategy, same seed and noise for all."""
-    from .strategies import select
 
     chosen = select(list(names))
     fig, axes = plt.subplots(len(chosen), 1, figsize=(8, 1.9 * len(chosen) * num / 20), layout="constrained")

@@ -8,8 +8,8 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from .analysis import RoutingTrace
-from .plotting import plot_router_dashboard
+from ..analysis.routing import RoutingTrace
+from .routing_plots import plot_router_dashboard
 
 
 class RouterExplorer:

@@ -8,85 +8,14 @@ Attention and Mlp are written here (timm is not a dependency) with timm's parame
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-# ---------------------------------------------------------------------------
-# Configs
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DiTConfig:
-    """Architecture of one DiT preset. Keyword names follow the official constructor."""
-
-    depth: int
-    hidden_size: int
-    patch_size: int
-    num_heads: int
-    input_size: int = 32
-    in_channels: int = 4
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    mlp_ratio: float = 4.0
-    class_dropout_prob: float = 0.1
-
-
-def _official(depth: int, hidden: int, heads: int) -> dict[str, DiTConfig]:
-    return {
-        f"{p}": DiTConfig(depth=depth, hidden_size=hidden, patch_size=p, num_heads=heads)
-        for p in (2, 4, 8)
-    }
-
-
-# The 12 official configs (latent space of a 256 px image: 32x32x4, 1000 ImageNet classes).
-DIT_CONFIGS: dict[str, DiTConfig] = {}
-for _name, (_depth, _hidden, _heads) in {
-    "XL": (28, 1152, 16),
-    "L": (24, 1024, 16),
-    "B": (12, 768, 12),
-    "S": (12, 384, 6),
-}.items():
-    for _p, _cfg in _official(_depth, _hidden, _heads).items():
-        DIT_CONFIGS[f"DiT-{_name}/{_p}"] = _cfg
-
-# Lab presets: 32x32 one-channel MNIST digits, patch 4 (64 tokens), eps-only loss.
-# 8 heads on the large model give TDW a width granularity of 12.5 % (heads are switched whole).
-DIT_CONFIGS["DiT-lab-S"] = DiTConfig(
-    depth=4, hidden_size=64, patch_size=4, num_heads=4,
-    input_size=32, in_channels=1, num_classes=10, learn_sigma=False,
-)
-DIT_CONFIGS["DiT-lab-L"] = DiTConfig(
-    depth=8, hidden_size=128, patch_size=4, num_heads=8,
-    input_size=32, in_channels=1, num_classes=10, learn_sigma=False,
-)
-# A toy for tests and smoke runs (seconds per hundred steps).
-DIT_CONFIGS["DiT-lab-T"] = DiTConfig(
-    depth=2, hidden_size=32, patch_size=8, num_heads=4,
-    input_size=32, in_channels=1, num_classes=10, learn_sigma=False,
-)
-
-
-def get_config(arch: str, **overrides) -> DiTConfig:
-    """Return the config of ``arch`` with keyword overrides (official keyword names)."""
-    if arch not in DIT_CONFIGS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(DIT_CONFIGS)}")
-    fields = DiTConfig.__dataclass_fields__
-    unknown = [k for k in overrides if k not in fields]
-    if unknown:
-        raise TypeError(f"unknown model option(s) {unknown}; valid: {sorted(fields)}")
-    values = {**DIT_CONFIGS[arch].__dict__, **overrides}
-    cfg = DiTConfig(**values)
-    if cfg.input_size % cfg.patch_size:
-        raise ValueError(f"input_size {cfg.input_size} is not divisible by patch_size {cfg.patch_size}")
-    if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
-    return cfg
+from .. import flops
+from ..diffusion import guide_doubled_output
+from .configs import DIT_CONFIGS, FREQUENCY_EMBEDDING_SIZE, DiTConfig, get_config  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------------
@@ -159,7 +88,7 @@ class Mlp(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> vectors: sinusoidal frequencies, then a 2-layer MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
         self.mlp = nn.Sequential(
@@ -318,6 +247,11 @@ class DiT(nn.Module):
             raise ValueError(
                 f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}"
             )
+        if not y.is_cuda and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= self.num_classes:
+            # (on CUDA this check would cost a host sync per forward; generate() checks there)
+            bad = y[(y < 0) | (y > self.num_classes)][0].item()
+            raise ValueError(f"class label {bad} is out of range: this model has {self.num_classes} "
+                             f"classes (0..{self.num_classes - 1}, and {self.num_classes} for the CFG null label)")
 
     def embed(self, x, t, y):
         """Tokens, conditioning vector c = t_emb + y_emb, and the timestep embedding alone."""
@@ -333,18 +267,16 @@ class DiT(nn.Module):
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))
 
-    def forward_with_cfg(self, x, t, y, cfg_scale: float):
-        """Classifier-free guidance on a batch whose second half carries the null label.
+    def sampling_cost(self, steps: int, method: str = "ddim", device="cpu") -> dict:
+        """What one sampling step costs per image: ``gflops_per_step`` and ``flops_fraction`` of
+        the static model. Each model family answers for itself; a static DiT by formula."""
+        return {"gflops_per_step": flops.analytic_flops(self.config)["total"] / 1e9, "flops_fraction": 1.0}
 
-        Unlike the official code (which guides only the first 3 channels by default) the
-        guidance is applied to all ``in_channels`` eps channels.
-        """
+    def forward_with_cfg(self, x, t, y, cfg_scale: float):
+        """The official API: a batch whose second half carries the null label, both halves
+        returned guided (see :func:`dydit_lab.diffusion.guide_doubled_output`)."""
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
-        cond, uncond = eps.chunk(2)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+        return guide_doubled_output(self(torch.cat([half, half]), t, y), self.in_channels, cfg_scale)
 
 
 # ---------------------------------------------------------------------------

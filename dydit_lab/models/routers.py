@@ -6,8 +6,13 @@ Parameter names follow the official DyDiT layout (``attn_rate.router``, ``mlp_ra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
+
+from .. import flops as flops_lib
+from .dit import DiTConfig
 
 GUMBEL_TAU = 5.0
 TDW_INIT_BIAS = 15.0  # sigmoid(15) ~ 1: a converted DiT starts with every head and group on
@@ -98,3 +103,52 @@ def init_routers_all_on(width_routers: list[WidthRouter], token_routers: list[To
         nn.init.zeros_(r.mlp_head[0].bias)
         nn.init.zeros_(r.mlp_head[2].weight)
         nn.init.constant_(r.mlp_head[2].bias, sdt_bias)
+
+
+# ---------------------------------------------------------------------------
+# Routing record
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Routing:
+    """The gates a forward pass used, per sample and block (0/1 values; in training they
+    carry straight-through gradients).
+
+    heads (B, depth, H), groups (B, depth, H), tokens (B, depth, N), t (B,).
+    """
+
+    heads: torch.Tensor
+    groups: torch.Tensor
+    tokens: torch.Tensor
+    t: torch.Tensor
+
+    def counts(self) -> torch.Tensor:
+        """(B, depth, 3) active heads, active MLP groups, kept tokens."""
+        return torch.stack([self.heads.sum(-1), self.groups.sum(-1), self.tokens.sum(-1)], -1)
+
+    def block_flops_fraction(self, config: DiTConfig, tokens: int | None = None) -> torch.Tensor:
+        """Per-sample fraction of the blocks' attention + MLP MACs that ran (the quantity the
+        official fine-tuning loss constrains; embedders, adaLN and final layer not counted).
+        Differentiable through straight-through gates. ``tokens`` sets the sequence length
+        the per-block costs are taken at (default: the routed one)."""
+        parts = flops_lib.block_flops(config, tokens or self.tokens.shape[-1])
+        H = self.heads.shape[-1]
+        attn = parts["attn"] * self.heads.sum(-1) / H
+        mlp = parts["mlp"] * (self.groups.sum(-1) / H) * self.tokens.mean(-1)
+        return (attn + mlp).sum(-1) / (config.depth * (parts["attn"] + parts["mlp"]))
+
+    def macs(self, config: DiTConfig, include_routers: bool = True) -> torch.Tensor:
+        """Exact MACs of the whole forward, per sample (static parts charged in full)."""
+        counts = self.counts().detach().cpu().tolist()
+        return torch.tensor([
+            float(flops_lib.dynamic_model_flops(config, [tuple(r) for r in sample],
+                                                include_routers=include_routers))
+            for sample in counts])
+
+    def flops_fraction(self, config: DiTConfig, include_routers: bool = True) -> torch.Tensor:
+        """Per-sample MACs as a fraction of the static DiT's."""
+        return self.macs(config, include_routers) / flops_lib.analytic_flops(config)["total"]
+
+    def detach(self) -> "Routing":
+        return Routing(*(x.detach() for x in (self.heads, self.groups, self.tokens, self.t)))

@@ -1,0 +1,2 @@
+"""Speed benchmark: static DiT vs DyDiT (sliced, masked) at a FLOPs target, routers set
+without training (:mod:`.setup`), timed and swept over batch sizes (:mod:`.run`)."""

@@ -1,0 +1,2 @@
+"""Training: one loop (:mod:`.loop`) and one objective per model family (:mod:`.pretrain`,
+:mod:`.dydit`, :mod:`.flexidit`)."""

@@ -1,0 +1,141 @@
+"""Figures of what a trained DyDiT's routers do over a sampling run: width heat maps, token
+keep rates and maps, FLOPs per step, and the explorer's dashboard. Headless-safe, like
+:mod:`.plots`."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ..analysis.routing import RoutingTrace
+from .plots import PALETTE, T_LABEL, TITLE_SIZE, LABEL_SIZE, _style, _image_array, _axes
+
+
+# ---------------------------------------------------------------------------
+# Router schedules (what a trained DyDiT does over a sampling run)
+# ---------------------------------------------------------------------------
+
+
+def plot_width_heatmap(trace: RoutingTrace, kind: str = "heads", ax: Axes | None = None,
+                       step: int | None = None) -> Figure:
+    """Active share of attention heads (or MLP groups) per block vs timestep, as a heatmap.
+
+    TDW reads only the timestep, so every sample at one step has the same width; the value
+    shown is the batch mean all the same. A vertical line marks ``step`` when given.
+    """
+    if kind not in ("heads", "groups"):
+        raise ValueError(f"kind must be 'heads' or 'groups', got {kind!r}")
+    fig, ax = _axes(ax)
+    gates = getattr(trace, kind).float().mean(dim=(1, 3)).T.numpy()  # (depth, S)
+    t = np.array(trace.timesteps)
+    extent = (t.max(), t.min(), gates.shape[0] - 0.5, -0.5) if len(t) > 1 else None
+    im = ax.imshow(gates, aspect="auto", cmap="viridis", vmin=0, vmax=1, extent=extent,
+                   interpolation="nearest")
+    ax.invert_xaxis()  # t from 0 (left) to 999 (right), like the loss curves
+    ax.set_yticks(range(gates.shape[0]))
+    if step is not None:
+        ax.axvline(trace.timesteps[step], color="white", lw=1.5, ls="--")
+    ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
+    ax.set_ylabel("block", fontsize=LABEL_SIZE)
+    unit = "attention heads" if kind == "heads" else "MLP channel groups"
+    ax.set_title(f"{trace.name}: active {unit}", fontsize=TITLE_SIZE)
+    fig.colorbar(im, ax=ax, label="share active")
+    _style(ax)
+    return fig
+
+
+def plot_token_keep(trace: RoutingTrace, highlight_layer: int | None = None,
+                    ax: Axes | None = None, step: int | None = None) -> Figure:
+    """SDT keep-rate (share of tokens that run the MLP) of every block vs timestep."""
+    fig, ax = _axes(ax)
+    keep = trace.tokens.float().mean(dim=(1, 3)).numpy()  # (S, depth)
+    colors = sns.color_palette("viridis", keep.shape[1])
+    for layer in range(keep.shape[1]):
+        bold = highlight_layer is None or layer == highlight_layer
+        ax.plot(trace.timesteps, keep[:, layer], color=colors[layer], lw=2.2 if bold else 0.8,
+                alpha=1.0 if bold else 0.45, label=f"block {layer}")
+    if step is not None:
+        ax.axvline(trace.timesteps[step], color="grey", lw=1, ls="--")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
+    ax.set_ylabel("tokens kept (share)", fontsize=LABEL_SIZE)
+    ax.set_title(f"{trace.name}: SDT keep-rate per block", fontsize=TITLE_SIZE)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    _style(ax)
+    return fig
+
+
+def plot_token_map(trace: RoutingTrace, step: int = 0, sample: int = 0, layer: int = 0,
+                   ax: Axes | None = None) -> Figure:
+    """The noisy input x_t of one sample with the tokens SDT dropped in one block shaded."""
+    fig, ax = _axes(ax, figsize=(4, 4))
+    ax.imshow(_image_array(trace.x_t[step, sample]), cmap="gray", vmin=0, vmax=1)
+    keep = trace.token_grid(step, sample, layer).float().numpy()
+    p = trace.patch_size
+    dropped = np.kron(1 - keep, np.ones((p, p)))
+    overlay = np.zeros(dropped.shape + (4,))
+    overlay[..., 0], overlay[..., 3] = 1.0, 0.55 * dropped  # red = skips the MLP
+    ax.imshow(overlay)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(f"t = {trace.timesteps[step]}, block {layer}: {int(keep.sum())}/{keep.size} "
+                 f"tokens kept\n(red: skips the MLP), digit {int(trace.labels[sample])}",
+                 fontsize=TITLE_SIZE - 2)
+    return fig
+
+
+def plot_flops_per_step(traces: RoutingTrace | Sequence[RoutingTrace], ax: Axes | None = None,
+                        step: int | None = None) -> Figure:
+    """Whole-model FLOPs fraction (of the static DiT) at every sampling step, per trace."""
+    traces = [traces] if isinstance(traces, RoutingTrace) else list(traces)
+    fig, ax = _axes(ax)
+    for i, trace in enumerate(traces):
+        ax.plot(trace.timesteps, trace.flops_fraction.numpy(), color=PALETTE[i % len(PALETTE)],
+                lw=2, label=f"{trace.name} (mean {trace.mean_flops_fraction:.3f})")
+    if step is not None:
+        ax.axvline(traces[0].timesteps[step], color="grey", lw=1, ls="--")
+    ax.axhline(1.0, color="black", lw=0.8, ls=":")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
+    ax.set_ylabel("FLOPs / static DiT", fontsize=LABEL_SIZE)
+    ax.set_title("FLOPs per sampling step", fontsize=TITLE_SIZE)
+    ax.legend(fontsize=8)
+    _style(ax)
+    return fig
+
+
+def plot_router_dashboard(trace: RoutingTrace, step: int = 0, layer: int = 0, sample: int = 0,
+                          fig: Figure | None = None) -> Figure:
+    """Four panels for one (step, block, sample): head widths, keep-rates, token map, FLOPs."""
+    fig = fig or plt.figure(figsize=(12, 8), layout="constrained")
+    fig.clear()
+    axes = fig.subplots(2, 2)
+    plot_width_heatmap(trace, "heads", ax=axes[0, 0], step=step)
+    plot_token_keep(trace, highlight_layer=layer, ax=axes[0, 1], step=step)
+    plot_token_map(trace, step, sample, layer, ax=axes[1, 0])
+    plot_flops_per_step(trace, ax=axes[1, 1], step=step)
+    fig.suptitle(f"{trace.name} | step {step + 1}/{len(trace.timesteps)} (t = {trace.timesteps[step]})"
+                 f" | block {layer} | sample {sample}", fontsize=TITLE_SIZE + 1)
+    return fig
+
+
+def plot_width_curves(traces: Sequence[RoutingTrace], ax: Axes | None = None) -> Figure:
+    """Mean active share of heads (solid) and MLP groups (dashed) over all blocks vs t."""
+    fig, ax = _axes(ax)
+    for i, trace in enumerate(traces):
+        color = PALETTE[i % len(PALETTE)]
+        ax.plot(trace.timesteps, trace.heads.float().mean(dim=(1, 2, 3)).numpy(), color=color,
+                lw=2, label=f"{trace.name}: heads")
+        ax.plot(trace.timesteps, trace.groups.float().mean(dim=(1, 2, 3)).numpy(), color=color,
+                lw=2, ls="--", label=f"{trace.name}: MLP groups")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
+    ax.set_ylabel("active share (all blocks)", fontsize=LABEL_SIZE)
+    ax.set_title("TDW width vs timestep", fontsize=TITLE_SIZE)
+    ax.legend(fontsize=8)
+    _style(ax)
+    return fig
