@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# JupyterLab refuses to run as root without --allow-root (containers and cloud GPU boxes run as root).
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: install test test-all lab figures clean-venv
 
@@ -24,7 +26,7 @@ test-all: install
 	$(PY) -m pytest --runslow $(PYTEST_ARGS)
 
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
 
 figures: install
 	MPLBACKEND=Agg $(PY) -m dydit_lab figures --out figures

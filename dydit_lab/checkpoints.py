@@ -17,10 +17,9 @@ import torch
 
 from .models.configs import get_config
 from .models.dit import DiT
-from .models.dydit import DyDiT
+from .models.dydit import DyDiT, is_router_key
 from .models.flexidit import FLEX_PREFIX, FlexiDiT, flex_patches_in
 
-ROUTER_MARKER = "attn_rate.router"
 
 
 class CheckpointError(ValueError):
@@ -178,7 +177,7 @@ def checkpoint_kind(state: dict[str, torch.Tensor]) -> str:
     """``flexidit``, ``dydit`` or ``dit``, read off a state dict's keys."""
     if any(k.startswith(FLEX_PREFIX) for k in state):
         return "flexidit"
-    if any(ROUTER_MARKER in k for k in state):
+    if any(is_router_key(k) for k in state):
         return "dydit"
     return "dit"
 

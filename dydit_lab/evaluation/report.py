@@ -51,7 +51,7 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
 
 def _model_for_counting(config: DiTConfig, arch: str) -> DiT:
     """A DiT with uninitialised CPU weights: FLOPs do not depend on the values, and skipping
-    the initialisation saves ~8 s on DiT-XL/2 (its pages are mostly never even touched)."""
+    the initialisation avoids touching (and randomly filling) every page of a large model."""
     with torch.device("meta"):
         model = DiT(config, arch=arch)
     return model.to_empty(device="cpu")
@@ -86,47 +86,3 @@ def count_flops_report(arch: str, input_size: int = 32) -> dict:
     }
     report.update({f"gflops_{name}": macs / 1e9 for name, macs in parts.items() if name != "total"})
     return report
-
-
-# ---------------------------------------------------------------------------
-# Dynamic FLOPs of a real sampling run
-# ---------------------------------------------------------------------------
-
-
-def sampling_flops(model, steps: int = 50, num_samples: int = 20, method: str = "ddim",
-                   cfg_scale: float = 1.0, seed: int = 0, device="cpu", progress: bool = True) -> dict:
-    """Run a DyDiT sampling pass and count the MACs its routing actually used.
-
-    Every sample, block and step is counted from its own routing record (active heads,
-    MLP groups, kept tokens), with the static parts and the routers charged in full.
-    Returns mean GFLOPs per image per step, the fraction of the static model, and the
-    per-step means (the schedule a plot wants).
-    """
-    from .diffusion import GaussianDiffusion
-    from .dydit import RoutingRecorder
-
-    cfg = model.config
-    recorder = RoutingRecorder(model.eval())
-    diffusion = GaussianDiffusion(learn_sigma=cfg.learn_sigma).respaced(steps)
-    y = (torch.arange(num_samples) % model.num_classes).to(device)
-    size = cfg.input_size
-    with torch.no_grad():
-        diffusion.sample(recorder, y, (num_samples, model.in_channels, size, size), method=method,
-                         cfg_scale=cfg_scale, seed=seed, progress=progress)
-    static = flops.analytic_flops(cfg)["total"]
-    per_step = [r.macs(cfg).mean().item() for r in recorder.records]
-    timesteps = [int(r.t[0]) for r in recorder.records]
-    mean = sum(per_step) / len(per_step)
-    # The quantity the fine-tuning loss constrains to lambda (attention + MLP of the blocks).
-    block = sum(r.block_flops_fraction(cfg).mean().item() for r in recorder.records) / len(recorder.records)
-    return {
-        "arch": model.arch, "steps": steps, "num_samples": num_samples, "method": method,
-        "cfg_scale": cfg_scale, "gflops_per_image_step": mean / 1e9,
-        "static_gflops": static / 1e9, "flops_fraction": mean / static,
-        "block_flops_fraction": block,
-        "per_step_timesteps": timesteps,
-        "per_step_fraction": [f / static for f in per_step],
-        "per_step_heads": [r.heads.mean().item() for r in recorder.records],
-        "per_step_groups": [r.groups.mean().item() for r in recorder.records],
-        "per_step_tokens": [r.tokens.mean().item() for r in recorder.records],
-    }

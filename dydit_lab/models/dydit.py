@@ -168,7 +168,7 @@ class DyDiT(DiT):
         ``tdw_bias``/``sdt_bias``: the routers' initial biases (official: 15 and 35)."""
         model = cls(dit.config, arch=dit.arch)
         missing, unexpected = model.load_state_dict(dit.state_dict(), strict=False)
-        if unexpected or any(not _is_router_key(k) for k in missing):
+        if unexpected or any(not is_router_key(k) for k in missing):
             raise ValueError(f"not a DiT state dict: missing {missing}, unexpected {unexpected}")
         init_routers_all_on([r for b in model.blocks for r in (b.attn_rate, b.mlp_rate)],
                             [b.token_selection for b in model.blocks], tdw_bias, sdt_bias)
@@ -185,7 +185,7 @@ class DyDiT(DiT):
         self._execution = value
 
     def router_parameters(self):
-        return [p for n, p in self.named_parameters() if _is_router_key(n)]
+        return [p for n, p in self.named_parameters() if is_router_key(n)]
 
     def set_gumbel_noise(self, scale: float) -> None:
         """Scale the routers' training-time Gumbel noise (1: the official gates, 0: route as in eval)."""
@@ -259,7 +259,8 @@ class DyDiT(DiT):
         return super().train(mode)
 
 
-def _is_router_key(name: str) -> bool:
+def is_router_key(name: str) -> bool:
+    """A DyDiT router parameter (TDW width routers or the SDT token router), by state-dict name."""
     return any(part in name for part in ("attn_rate.", "mlp_rate.", "token_selection."))
 
 

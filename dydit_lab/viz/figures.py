@@ -24,7 +24,7 @@ from ..evaluation.sampling import generate
 from ..evaluation.strategies import select, strategy_table
 from ..flops import analytic_flops, num_tokens, schedule_flops
 from ..models.configs import get_config
-from ..paths import BENCH_DIR, CHECKPOINT_DIR, DATA_DIR, FIGURES_DIR
+from ..paths import BENCH_DIR, CHECKPOINT_DIR, FIGURES_DIR, RESULTS_CSV
 from .plots import (plot_loss_curves, plot_loss_maps, plot_quality_vs_flops, plot_sample_grid,
                     plot_speedup_vs_batch, plot_speedup_vs_ratio, plot_strategies, save_figure)
 from .routing_plots import (plot_flops_per_step, plot_token_keep, plot_token_map, plot_width_curves,
@@ -51,6 +51,11 @@ def lab_model(name: str, device="cpu"):
     return load_model(checkpoint_path(name), device=device)
 
 
+def lab_models(names=LAB_MODELS, device="cpu") -> dict:
+    """The committed lab models by name, e.g. ``{"DiT-lab-S": DiT, "DiT-lab-L": DiT}``."""
+    return {name: lab_model(name, device) for name in names}
+
+
 # ---------------------------------------------------------------------------
 # Foundation: sample grids
 # ---------------------------------------------------------------------------
@@ -72,19 +77,20 @@ def sample_grid_figure(name: str, num: int = 50, steps: int = 50, seed: int = 0,
 # ---------------------------------------------------------------------------
 
 
+LOSS_GAP_TITLE = "Noise-prediction loss: small vs large lab DiT (MNIST val)"
+
+
 def loss_gap_figure(timesteps=range(0, 1000, 2), samples_per_t: int = 24, smooth: int = 9,
                     device="cpu", progress: bool = True):
     """Per-timestep loss of the small and the large lab model on the same images and noise,
-    their gap with a 95 % band; returns (Figure, summary per quarter of the timesteps)."""
-    models = {name: lab_model(name, device) for name in LAB_MODELS}
+    their gap with a 95 % band; returns (Figure, summary per quarter of the timesteps).
+    Notebook 01 makes the same calls one by one."""
+    models = lab_models(LAB_MODELS, device)
     images, labels = mnist_split("val").tensors
-    df = per_timestep_loss(models, images, labels, timesteps=timesteps, samples_per_t=samples_per_t,
-                           device=device, progress=progress)
-    gap = loss_gap(df, *LAB_MODELS, smooth=1)
-    summary = summarize_gap(gap)
-    fig = plot_loss_curves(df, *LAB_MODELS, smooth=smooth, relative=True,
-                           title="Noise-prediction loss: small vs large lab DiT (MNIST val)")
-    return fig, summary
+    losses = per_timestep_loss(models, images, labels, timesteps=timesteps, samples_per_t=samples_per_t,
+                               device=device, progress=progress)
+    fig = plot_loss_curves(losses, *LAB_MODELS, smooth=smooth, relative=True, title=LOSS_GAP_TITLE)
+    return fig, summarize_gap(loss_gap(losses, *LAB_MODELS, smooth=1))
 
 
 # ---------------------------------------------------------------------------
@@ -92,6 +98,7 @@ def loss_gap_figure(timesteps=range(0, 1000, 2), samples_per_t: int = 24, smooth
 # ---------------------------------------------------------------------------
 
 LOSS_MAP_TIMESTEPS = (50, 250, 500, 750, 950)
+LOSS_MAPS_TITLE = "Where the loss is: per-patch eps error of DiT-lab-L (normalised per map)"
 
 
 def loss_maps_figure(num_images: int = 4, timesteps=LOSS_MAP_TIMESTEPS, summary_images: int = 200,
@@ -100,12 +107,16 @@ def loss_maps_figure(num_images: int = 4, timesteps=LOSS_MAP_TIMESTEPS, summary_
     and the share of the loss on stroke patches (over ``summary_images`` digits)."""
     model = lab_model("DiT-lab-L", device)
     images, labels = mnist_split("val").tensors
-    picks = torch.arange(num_images) * (len(images) // num_images)
+    picks = evenly_spaced(len(images), num_images)
     shown = patch_loss_maps(model, images[picks], labels[picks], timesteps, device=device)
-    fig = plot_loss_maps(shown, images[picks], labels[picks],
-                         title="Where the loss is: per-patch eps error of DiT-lab-L (normalised per map)")
+    fig = plot_loss_maps(shown, images[picks], labels[picks], title=LOSS_MAPS_TITLE)
     many = patch_loss_maps(model, images[:summary_images], labels[:summary_images], timesteps, device=device)
     return fig, stroke_concentration(many, images[:summary_images])
+
+
+def evenly_spaced(total: int, count: int) -> torch.Tensor:
+    """``count`` indices spread evenly over ``range(total)``."""
+    return torch.arange(count) * (total // count)
 
 
 # ---------------------------------------------------------------------------
@@ -119,11 +130,14 @@ for _lam in ("0.7", "0.5"):
         f"--out runs/dydit-L-{_lam}, then python -m dydit_lab export (see README)")
 
 
-def router_traces(steps: int = 50, labels=range(10), seed: int = 0, device="cpu") -> dict:
-    """A recorded DDIM sampling run of each fine-tuned DyDiT (one digit of each class)."""
-    return {name: trace_sampling(lab_model(ckpt, device), list(labels), steps=steps, seed=seed,
+def router_traces(checkpoints: dict | None = None, steps: int = 50, labels=range(10), seed: int = 0,
+                  device="cpu") -> dict:
+    """A recorded DDIM sampling run (one digit of each class) of each DyDiT in ``checkpoints``
+    (name -> path; default: the committed fine-tunes)."""
+    checkpoints = checkpoints or {name: checkpoint_path(ckpt) for name, ckpt in DYDIT_CHECKPOINTS.items()}
+    return {name: trace_sampling(load_model(path, device=device), list(labels), steps=steps, seed=seed,
                                  device=device, progress=False, name=name)
-            for name, ckpt in DYDIT_CHECKPOINTS.items()}
+            for name, path in checkpoints.items()}
 
 
 def router_schedules_figure(traces: dict | None = None, device="cpu"):
@@ -191,25 +205,32 @@ def flops_table(archs=FLOPS_TABLE_ARCHS) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def speedup_figure(bench_dir: str | Path = BENCH_DIR):
-    """Measured speed-up of sliced and masked DyDiT over the static DiT, against the ideal
-    1 / FLOPs fraction and the paper's V100 figures; and vs batch size where swept."""
-    bench = load_bench(bench_dir)
+def speedup_figure(bench: pd.DataFrame | None = None):
+    """Measured speed-up of sliced and masked DyDiT over the static DiT (``bench``: default
+    :func:`load_bench`), against the ideal 1 / FLOPs fraction and the paper's V100 figures;
+    and vs batch size where swept."""
+    bench = load_bench() if bench is None else bench
     fig, (ax_ratio, ax_batch) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     plot_speedup_vs_ratio(bench, PAPER_V100, ax=ax_ratio)
     plot_speedup_vs_batch(bench, ax=ax_batch)
     return fig, bench
 
 
-def quality_vs_flops_figure(results: str | Path = DATA_DIR / "results.csv"):
+def quality_vs_flops_figure(results: str | Path = RESULTS_CSV):
     """FD-LeNet and class accuracy of every evaluated model vs its GFLOPs per sampling step."""
+    table = quality_table(results)
+    return plot_quality_vs_flops(table), table
+
+
+def quality_table(results: str | Path = RESULTS_CSV) -> pd.DataFrame:
+    """The evaluated models of ``results`` (no strategy rows except the DyDiTs, no real-val)."""
     table = pd.read_csv(results)
     table = table[table["name"] != "real-val"].dropna(subset=["gflops_per_step", "fd_lenet"])
     if "strategy" in table.columns:  # of notebook 05's sweep, only the DyDiT checkpoints belong here
         table = table[table["strategy"].isna() | (table["strategy"] == "DyDiT")]
     if table.empty:
         raise FileNotFoundError(f"{results} has no evaluated models with GFLOPs")
-    return plot_quality_vs_flops(table), table
+    return table
 
 
 # ---------------------------------------------------------------------------
@@ -242,7 +263,7 @@ def strategy_samples_figure(names=SAMPLE_STRATEGIES, num: int = 20, seed: int = 
     return fig
 
 
-def dynamic_strategies_figure(results: str | Path = DATA_DIR / "results.csv"):
+def dynamic_strategies_figure(results: str | Path = RESULTS_CSV):
     """Quality vs GFLOPs and vs wall-clock per image of every strategy row in ``results``
     (written by ``python -m dydit_lab compare``)."""
     table = strategy_table(results)
