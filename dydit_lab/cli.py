@@ -21,6 +21,7 @@ from .flops import schedule_flops
 from .models.configs import get_config
 from .models.dydit import DyDiT, sampling_flops
 from .paths import BENCH_DIR, CHECKPOINT_DIR, DEFAULT_CLASSIFIER, FIGURES_DIR, RESULTS_CSV, resolve_device
+from .sweep import read_spec, run_spec
 from .training.dydit import FinetuneConfig, finetune
 from .training.flexidit import FlexiFinetuneConfig, flexi_finetune
 from .training.pretrain import TrainConfig, train
@@ -75,13 +76,13 @@ def cmd_evaluate(args):
     device = resolve_device(args.device)
     evaluator = SampleEvaluator(load_classifier(args.classifier), device=device)
     if args.checkpoint == "real-val":  # the floor: real validation digits vs the train split
-        metrics = {"checkpoint": "real-val", **evaluator.score(*mnist_split("val").tensors)}
+        metrics = {"checkpoint": "real-val", **evaluator.score(*mnist_split("val").tensors, bootstrap=args.bootstrap)}
     else:
         metrics = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, steps=args.steps,
                                       method=args.method, cfg_scale=args.cfg_scale, seed=args.seed,
                                       coarse_steps=args.coarse_steps, complete_model=args.complete_model,
                                       complete_from_t=args.complete_from_t, evaluator=evaluator,
-                                      device=device)
+                                      device=device, bootstrap=args.bootstrap)
     print(json.dumps(metrics))
     if args.results:
         record_result(args.results, {**metrics, "name": args.name or args.checkpoint})
@@ -143,6 +144,12 @@ def cmd_bench(args):
             f.write("\n")
 
 
+def cmd_sweep(args):
+    rows = run_spec(read_spec(args.spec), dry_run=args.dry_run, device=resolve_device(args.device))
+    if not args.dry_run:
+        print(f"{len(rows)} new result row(s)")
+
+
 def cmd_flexi_finetune(args):
     print(f"checkpoint: {flexi_finetune(_dataclass_from(args, FlexiFinetuneConfig))}")
 
@@ -201,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--complete-from-t", type=int, default=0,
                    help="with --complete-model: gates on only at timesteps >= T, routed below "
                         "(which noise levels the routing's quality cost comes from)")
+    p.add_argument("--bootstrap", type=int, default=500,
+                   help="bootstrap rounds for 95%% intervals of FD-LeNet and accuracy (0: none)")
     p.add_argument("--device", default="auto")
     p.add_argument("--results", help="append the metrics to this CSV (e.g. data/results.csv)")
     p.add_argument("--name", help="row name in --results (default: the checkpoint path)")
@@ -259,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flexi-finetune", help="fine-tune a DiT into a FlexiDiT (extra coarse patch)")
     _add_dataclass_flags(p, FlexiFinetuneConfig)
     p.set_defaults(func=cmd_flexi_finetune)
+    p = sub.add_parser("sweep", help="a grid of training runs from a TOML spec: train what is missing, "
+                       "resume what was interrupted, evaluate, one results row per run")
+    p.add_argument("--spec", required=True, help="the TOML spec (see dydit_lab.sweep)")
+    p.add_argument("--dry-run", action="store_true", help="list each run and its state, do nothing")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("flexi-flops", help="FLOPs of FlexiDiT sampling schedules (first k steps coarse)")
     p.add_argument("--arch", required=True)
     p.add_argument("--coarse-patch", type=int, default=0, help="(default: 2 x native)")

@@ -20,14 +20,16 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
                         method: str = "ddim", cfg_scale: float = 1.0, seed: int = 0,
                         coarse_steps: int | None = None, complete_model: bool = False,
                         evaluator: SampleEvaluator | None = None, device="cpu", progress: bool = True,
-                        complete_from_t: int = 0) -> dict:
+                        complete_from_t: int = 0, bootstrap: int = 0) -> dict:
     """Sample from a checkpoint (DiT, DyDiT or FlexiDiT) and measure what it costs.
 
     Returns the quality metrics (``accuracy``, ``fd_lenet``), the compute
     (the model's own ``sampling_cost``, and ``gflops_per_image`` = per step x steps) and the measured sampling
     wall-clock ``seconds_per_image`` (generation only, at the evaluator's batch size, with the
     current torch thread count in ``threads``). ``coarse_steps``, ``complete_model`` and
-    ``complete_from_t``: see :func:`sampling_model`.
+    ``complete_from_t``: see :func:`sampling_model`. ``seed`` (the sampling seed) and the
+    checkpoint's training seed (``train_seed``) are recorded; ``bootstrap`` > 0 adds 95 %
+    intervals of both metrics over the samples.
     """
     device = torch.device(device)
     evaluator = evaluator or SampleEvaluator.from_default(device=device)
@@ -40,12 +42,13 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
     recorded = saved.get("args") if isinstance(saved.get("args"), dict) else {}
     return {
         "checkpoint": display_path(checkpoint), "train_steps": saved.get("step", recorded.get("step")),
+        "train_seed": recorded.get("seed"), "seed": seed,
         "steps": steps, "method": method, "cfg_scale": cfg_scale, "num_samples": num_samples,
         "coarse_steps": coarse_steps, **cost,
         # classifier-free guidance runs the conditional and unconditional halves each step
         "gflops_per_image": cost["gflops_per_step"] * steps * (1 if cfg_scale == 1 else 2),
         "seconds_per_image": seconds, "device": device.type,
-        "threads": torch.get_num_threads(), **evaluator.score(samples, labels),
+        "threads": torch.get_num_threads(), **evaluator.score(samples, labels, bootstrap=bootstrap, seed=seed),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoints import load_model
 from ..models.dit import DiT, create_model
 from .loop import Batch, LoopConfig, Objective, StepResult, run_training
 
@@ -20,6 +21,7 @@ class TrainConfig(LoopConfig):
     out: str = "runs/lab-L"  # run folder: checkpoint.pt, log.csv, config.txt
     steps: int = 12000
     warmup_steps: int = 200  # linear lr warm-up over the first N steps
+    init_from: str = ""  # start from this checkpoint's weights (e.g. a parent, for a fine-tune without routers)
 
 
 class PretrainObjective(Objective):
@@ -32,6 +34,12 @@ class PretrainObjective(Objective):
         self.name = f"train {cfg.arch}"
 
     def build(self, device):
+        if self.cfg.init_from:
+            model = load_model(self.cfg.init_from)
+            if type(model) is not DiT or model.arch != self.cfg.arch:
+                raise ValueError(f"--init-from {self.cfg.init_from} holds a {type(model).__name__} "
+                                 f"{model.arch}, not a {self.cfg.arch} DiT")
+            return model.to(device)
         return (self.model or create_model(self.cfg.arch)).to(device)
 
     def param_groups(self, model):

@@ -1,0 +1,173 @@
+"""Grids of training runs from a small spec file: train what is missing, resume what was
+interrupted, evaluate what is done, and append one row per run (and sampling seed) to the
+results table. Running a spec twice does nothing new.
+
+A spec is TOML (paths relative to the repository root)::
+
+    name = "lambda"                  # rows are named "lambda: target_ratio=0.5, seed=1"
+    command = "finetune"             # train | finetune | flexi-finetune
+    out = "runs/sweep-lambda"        # one sub-folder per run
+    weights = "model"                # evaluate the online weights ("ema": the EMA)
+    results = "data/results.csv"
+
+    [config]                         # flags shared by every run (names as in the command's --help)
+    parent = "data/checkpoints/DiT-lab-L.pt"
+
+    [grid]                           # every combination is one run
+    target_ratio = [0.5, 0.7]
+    seed = [0, 1, 2]
+
+    [evaluate]                       # options of `evaluate`
+    num_samples = 1000
+    sampling_seeds = [0]
+    bootstrap = 500
+
+``python -m dydit_lab sweep --spec data/sweeps/lambda.toml`` (``--dry-run`` lists the plan); in Python: ``run_spec(read_spec(path))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoints import export_checkpoint
+from .evaluation.metrics import SampleEvaluator
+from .evaluation.report import evaluate_checkpoint
+from .evaluation.results import read_results, record_result
+from .paths import CHECKPOINT_NAME, REPO_ROOT, RESULTS_CSV, display_path
+from .training.dydit import FinetuneConfig, finetune
+from .training.flexidit import FlexiFinetuneConfig, flexi_finetune
+from .training.pretrain import TrainConfig, train
+
+COMMANDS = {"train": (TrainConfig, train), "finetune": (FinetuneConfig, finetune),
+            "flexi-finetune": (FlexiFinetuneConfig, flexi_finetune)}
+EVALUATE_OPTIONS = {"num_samples", "steps", "method", "cfg_scale", "sampling_seeds", "bootstrap"}
+PATH_FIELDS = {"parent", "init_from", "data"}  # config fields that name files
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    command: str
+    out: str
+    config: dict = field(default_factory=dict)
+    grid: dict = field(default_factory=dict)
+    evaluate: dict = field(default_factory=dict)
+    weights: str = "model"
+    results: str = str(RESULTS_CSV)
+
+
+@dataclass
+class Run:
+    """One grid point: its name, run folder and full config."""
+
+    name: str
+    folder: Path
+    config: object
+    values: dict
+
+
+def _repo_path(value: str) -> str:
+    path = Path(value)
+    return str(path if path.is_absolute() else REPO_ROOT / path)
+
+
+def read_spec(path: str | Path) -> SweepSpec:
+    """Parse and check a spec file; every unknown key or flag is an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no sweep spec at {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML: {err}") from err
+    known = {f.name for f in dataclasses.fields(SweepSpec)}
+    unknown = sorted(set(raw) - known)
+    missing = sorted({"name", "command", "out"} - set(raw))
+    if unknown or missing:
+        raise ValueError(f"{path}: unknown keys {unknown}, missing keys {missing}")
+    spec = SweepSpec(**raw)
+    if spec.command not in COMMANDS:
+        raise ValueError(f"{path}: command must be one of {sorted(COMMANDS)}, got {spec.command!r}")
+    if spec.weights not in ("model", "ema"):
+        raise ValueError(f"{path}: weights must be 'model' or 'ema', got {spec.weights!r}")
+    flags = {f.name for f in dataclasses.fields(COMMANDS[spec.command][0])}
+    bad = sorted((set(spec.config) | set(spec.grid)) - flags)
+    if bad:
+        raise ValueError(f"{path}: {bad} are not flags of {spec.command}")
+    for key, values in spec.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{path}: grid.{key} must be a non-empty list")
+    bad_eval = sorted(set(spec.evaluate) - EVALUATE_OPTIONS)
+    if bad_eval:
+        raise ValueError(f"{path}: unknown evaluate options {bad_eval}; choose from {sorted(EVALUATE_OPTIONS)}")
+    return spec
+
+
+def plan_runs(spec: SweepSpec) -> list[Run]:
+    """Every combination of the grid, in the order the grid lists them."""
+    config_cls = COMMANDS[spec.command][0]
+    keys = list(spec.grid)
+    runs = []
+    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        label = ", ".join(f"{k}={v}" for k, v in values.items())
+        slug = "-".join(f"{k}{v}" for k, v in values.items()) or "run"
+        folder = Path(_repo_path(spec.out)) / slug
+        options = {**spec.config, **values}
+        options = {k: _repo_path(v) if k in PATH_FIELDS and v != "mnist" and v else v for k, v in options.items()}
+        config = config_cls(**options, out=str(folder), resume=(folder / CHECKPOINT_NAME).exists())
+        runs.append(Run(f"{spec.name}: {label}" if label else spec.name, folder, config, values))
+    return runs
+
+
+def row_name(run: Run, sampling_seed: int, seeds: list[int]) -> str:
+    return run.name if len(seeds) == 1 else f"{run.name}, sampling seed {sampling_seed}"
+
+
+def finished_step(folder: Path) -> int:
+    """The step of a run folder's checkpoint (0 when there is none)."""
+    path = folder / CHECKPOINT_NAME
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
+def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print) -> list[dict]:
+    """Train, evaluate and record every run of ``spec`` that has no results row yet."""
+    results = Path(_repo_path(spec.results))
+    done = {r["name"] for r in read_results(results)}
+    options = dict(spec.evaluate)
+    seeds = list(options.pop("sampling_seeds", [0]))
+    options.setdefault("bootstrap", 500)
+    evaluator = None
+    rows = []
+    for run in plan_runs(spec):
+        todo = [s for s in seeds if row_name(run, s, seeds) not in done]
+        step = finished_step(run.folder)
+        state = "done" if not todo else ("trained" if step >= run.config.steps else
+                                          f"resume at {step}" if step else "train")
+        log(f"{run.name}: {state}")
+        if not todo or dry_run:
+            continue
+        if step < run.config.steps:
+            COMMANDS[spec.command][1](dataclasses.replace(run.config, resume=step > 0))
+        exported = export_checkpoint(run.folder / CHECKPOINT_NAME, run.folder / f"{spec.weights}.pt",
+                                     weights=spec.weights)
+        evaluator = evaluator or SampleEvaluator.from_default(device=device)
+        for seed in todo:
+            metrics = evaluate_checkpoint(exported, seed=seed, evaluator=evaluator, device=device,
+                                          progress=False, **options)
+            row = {**metrics, **run.values, "name": row_name(run, seed, seeds), "sweep": spec.name,
+                   "run_folder": display_path(run.folder)}
+            record_result(results, row)
+            rows.append(row)
+            log(f"  sampling seed {seed}: FD-LeNet {metrics['fd_lenet']:.2f} "
+                f"[{metrics.get('fd_lenet_lo', float('nan')):.2f}, {metrics.get('fd_lenet_hi', float('nan')):.2f}], "
+                f"accuracy {metrics['accuracy']:.3f}")
+    return rows

@@ -1,0 +1,95 @@
+"""`python -m dydit_lab sweep`: a tiny grid end to end, skipping what is done, resuming what
+was interrupted, one results row per run with intervals."""
+
+import textwrap
+
+import pytest
+import torch
+
+from dydit_lab import create_model
+from dydit_lab.checkpoints import atomic_save
+from dydit_lab.cli import main
+from dydit_lab.evaluation.results import read_results
+from dydit_lab.sweep import plan_runs, read_spec, run_spec
+from dydit_lab.training.dydit import FinetuneConfig, finetune
+
+
+@pytest.fixture(scope="module")
+def tiny_parent(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parent") / "DiT-lab-T.pt"
+    torch.manual_seed(0)
+    atomic_save({"ema": create_model("DiT-lab-T").state_dict(), "args": {"arch": "DiT-lab-T"}}, path)
+    return path
+
+
+def write_spec(tmp_path, parent, steps=3, extra=""):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent(f"""
+        name = "tiny"
+        command = "finetune"
+        out = "{tmp_path / 'runs'}"
+        results = "{tmp_path / 'results.csv'}"
+        [config]
+        parent = "{parent}"
+        steps = {steps}
+        batch_size = 8
+        hold_steps = 0
+        anneal_steps = 1
+        noise_off_step = 0
+        device = "cpu"
+        [grid]
+        target_ratio = [0.5, 0.9]
+        [evaluate]
+        num_samples = 20
+        steps = 2
+        bootstrap = 20
+        {extra}
+    """))
+    return spec
+
+
+def test_sweep_trains_evaluates_and_skips_what_is_done(tmp_path, tiny_parent, capsys):
+    spec = write_spec(tmp_path, tiny_parent)
+    main(["sweep", "--spec", str(spec), "--device", "cpu"])
+    rows = {r["name"]: r for r in read_results(tmp_path / "results.csv")}
+    assert set(rows) == {"tiny: target_ratio=0.5", "tiny: target_ratio=0.9"}
+    for row in rows.values():
+        assert row["sweep"] == "tiny" and row["train_steps"] == "3" and row["seed"] == "0"
+        assert float(row["fd_lenet_lo"]) <= float(row["fd_lenet_hi"])
+        assert 0 <= float(row["accuracy_lo"]) <= float(row["accuracy_hi"]) <= 1
+        assert row["target_ratio"] in ("0.5", "0.9")
+    capsys.readouterr()
+    main(["sweep", "--spec", str(spec), "--device", "cpu"])  # nothing new
+    out = capsys.readouterr().out
+    assert "0 new result row(s)" in out and out.count(": done") == 2
+    assert len(read_results(tmp_path / "results.csv")) == 2
+
+
+def test_sweep_resumes_an_interrupted_run(tmp_path, tiny_parent):
+    spec = read_spec(write_spec(tmp_path, tiny_parent, steps=4, extra="sampling_seeds = [0, 1]"))
+    first = plan_runs(spec)[0]
+    finetune(FinetuneConfig(**{**first.config.__dict__, "steps": 2, "resume": False}))  # "interrupted" at 2
+    log = []
+    rows = run_spec(spec, device="cpu", log=log.append)
+    assert "tiny: target_ratio=0.5: resume at 2" in log and "tiny: target_ratio=0.9: train" in log
+    assert {r["train_steps"] for r in rows} == {4}
+    assert sorted(r["name"] for r in rows) == sorted(
+        f"tiny: target_ratio={lam}, sampling seed {s}" for lam in (0.5, 0.9) for s in (0, 1))
+
+
+def test_bad_specs_name_the_problem(tmp_path, tiny_parent):
+    spec = write_spec(tmp_path, tiny_parent)
+    spec.write_text(spec.read_text().replace("[grid]", "[grid]\nnot_a_flag = [1]"))
+    with pytest.raises(ValueError, match="not_a_flag"):
+        read_spec(spec)
+    with pytest.raises(FileNotFoundError, match="no sweep spec"):
+        read_spec(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text('name = "x"\ncommand = "dance"\nout = "o"\n')
+    with pytest.raises(ValueError, match="command must be one of"):
+        read_spec(tmp_path / "bad.toml")
+
+
+def test_dry_run_changes_nothing(tmp_path, tiny_parent, capsys):
+    main(["sweep", "--spec", str(write_spec(tmp_path, tiny_parent)), "--dry-run"])
+    assert capsys.readouterr().out.count(": train") == 2
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results.csv").exists()
