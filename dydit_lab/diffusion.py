@@ -234,11 +234,17 @@ class GaussianDiffusion:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         randn = lambda: torch.randn(shape, generator=gen).to(device)  # noqa: E731
         x = randn()
+        plan = getattr(model, "plan_timesteps", None)
+        if callable(plan):  # a model that plans per timestep (DyDiT's widths) does it once, up front
+            plan([int(v) for v in self.timestep_map])
         model_fn = guided(model, cfg_scale, null_label)
         steps = list(range(self.num_timesteps))[::-1]
         for i in tqdm(steps, desc=f"{method} sampling", disable=not progress, leave=False):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            out = model_fn(x, self.model_timesteps(t), y)
+            # The model's timesteps stay on the host: models move them to their device, and a
+            # model that plans per timestep reads them without a device round-trip.
+            t_model = torch.full((shape[0],), int(self.timestep_map[i]), dtype=torch.long)
+            out = model_fn(x, t_model, y)
             mean, log_var, x0, eps = self.p_mean_variance(out, x, t, clip_denoised)
             noise = randn()
             if method == "ddpm":

@@ -248,7 +248,7 @@ class DiT(nn.Module):
                 f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}"
             )
         if not y.is_cuda and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= self.num_classes:
-            # (on CUDA this check would cost a host sync per forward; generate() checks there)
+            # (skipped on CUDA, where reading the labels would cost a host sync per forward)
             bad = y[(y < 0) | (y > self.num_classes)][0].item()
             raise ValueError(f"class label {bad} is out of range: this model has {self.num_classes} "
                              f"classes (0..{self.num_classes - 1}, and {self.num_classes} for the CFG null label)")
@@ -256,6 +256,7 @@ class DiT(nn.Module):
     def embed(self, x, t, y):
         """Tokens, conditioning vector c = t_emb + y_emb, and the timestep embedding alone."""
         self._check_inputs(x, t, y)
+        t = t.to(x.device)  # samplers may hand over host timesteps (see DyDiT's width plans)
         tokens = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y, self.training)

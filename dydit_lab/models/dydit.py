@@ -5,9 +5,12 @@ timestep embedding) and an SDT router (tokens that skip the MLP). Two ways to ru
 
 * ``masked``: compute the full width and multiply by the gates, like the official release.
   Used in training (gradients flow through the gates) and for comparison.
-* ``sliced`` (eval default): compute only what is on. Samples that share a routing pattern
-  (in sampling: the whole batch, one t) run together on weights sliced once per pattern and
-  cached; the MLP runs only on the gathered kept tokens. Same values as ``masked``.
+* ``sliced`` (eval default): compute only what is on. TDW depends on t only, so the widths of
+  every block are planned once per distinct timestep (:meth:`DyDiT.plan_timesteps` plans a
+  whole sampling run before its first step) and the block loop never asks the device which
+  heads are on. Samples whose widths agree run together on weights sliced once per width and
+  cached; the MLP runs only on the kept tokens (all of them without a gather, none: skipped),
+  which costs one host synchronisation per block for the token count. Same values as ``masked``.
 """
 
 from __future__ import annotations
@@ -17,126 +20,25 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import flops as flops_lib
 from ..diffusion import GaussianDiffusion
-from .dit import DiT, DiTBlock, DiTConfig, modulate
-from .routers import SDT_INIT_BIAS, TDW_INIT_BIAS, Routing, TokenRouter, WidthRouter, init_routers_all_on
+from .dit import DiT, DiTBlock, DiTConfig
+from .dydit_block import DyDiTBlock
+from .routers import SDT_INIT_BIAS, TDW_INIT_BIAS, Routing, init_routers_all_on
 
 EXECUTIONS = ("sliced", "masked")
-SLICE_CACHE_SIZE = 16  # routing patterns kept per block (consecutive steps mostly share one)
+PLAN_CACHE_SIZE = 4096  # timesteps whose width plan is kept (a 1000-step schedule fits)
 
 
-# ---------------------------------------------------------------------------
-# Block
-# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WidthPlan:
+    """The TDW widths of every block at one timestep: active head and MLP-group indices, and
+    the same as 0/1 gates (depth, H) on the model's device for the routing record."""
 
-
-@dataclass
-class _SlicedWeights:
-    qkv_w: torch.Tensor
-    qkv_b: torch.Tensor
-    proj_w: torch.Tensor
-    fc1_w: torch.Tensor
-    fc1_b: torch.Tensor
-    fc2_w: torch.Tensor
-
-
-class DyDiTBlock(DiTBlock):
-    """DiT block with TDW (heads, MLP groups) and SDT (tokens) routers."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__(hidden_size, num_heads, mlp_ratio)
-        mlp_hidden = int(hidden_size * mlp_ratio)
-        if mlp_hidden % num_heads:
-            raise ValueError(f"MLP hidden size {mlp_hidden} does not split into {num_heads} groups")
-        self.group_size = mlp_hidden // num_heads
-        self.attn_rate = WidthRouter(hidden_size, num_heads)
-        self.mlp_rate = WidthRouter(hidden_size, num_heads)
-        self.token_selection = TokenRouter(hidden_size)
-        self._slice_cache: OrderedDict = OrderedDict()
-
-    # -- masked (official-style) ----------------------------------------------------
-
-    def forward_masked(self, x, c, t_emb):
-        """Full-width computation multiplied by the gates. Returns (x, heads, groups, tokens)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=1))
-        heads, groups = self.attn_rate(t_emb), self.mlp_rate(t_emb)
-        B, N, C = x.shape
-        per_head = self.attn.heads(modulate(self.norm1(x), shift_msa, scale_msa))
-        per_head = per_head * heads[:, :, None, None]
-        x = x + gate_msa.unsqueeze(1) * self.attn.proj(per_head.transpose(1, 2).reshape(B, N, C))
-        tokens = self.token_selection(x)
-        hidden = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        hidden = hidden * groups.repeat_interleave(self.group_size, dim=1).unsqueeze(1)
-        mlp_out = self.mlp.fc2(self.mlp.act(hidden))
-        x = x + tokens.unsqueeze(-1) * (gate_mlp.unsqueeze(1) * mlp_out)
-        return x, heads, groups, tokens
-
-    # -- sliced (really skips) --------------------------------------------------------
-
-    def _weight_versions(self) -> tuple[int, ...]:
-        params = (self.attn.qkv.weight, self.attn.qkv.bias, self.attn.proj.weight,
-                  self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight)
-        return tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
-
-    def sliced_weights(self, heads: tuple[int, ...], groups: tuple[int, ...]) -> _SlicedWeights:
-        """Weights of the active heads and MLP groups, cached per routing pattern."""
-        key = (heads, groups, self._weight_versions())
-        if key in self._slice_cache:
-            self._slice_cache.move_to_end(key)
-            return self._slice_cache[key]
-        D, hd = self.attn.proj.in_features, self.attn.head_dim
-        device = self.attn.qkv.weight.device
-        head_ch = torch.tensor([h * hd + d for h in heads for d in range(hd)], device=device)
-        qkv_rows = torch.cat([head_ch + i * D for i in range(3)])
-        mlp_ch = torch.tensor([g * self.group_size + j for g in groups for j in range(self.group_size)],
-                              device=device)
-        full = len(heads) == self.num_heads_total and len(groups) == self.num_heads_total
-        w = _SlicedWeights(
-            qkv_w=self.attn.qkv.weight if full else self.attn.qkv.weight[qkv_rows].contiguous(),
-            qkv_b=self.attn.qkv.bias if full else self.attn.qkv.bias[qkv_rows].contiguous(),
-            proj_w=self.attn.proj.weight if full else self.attn.proj.weight[:, head_ch].contiguous(),
-            fc1_w=self.mlp.fc1.weight if full else self.mlp.fc1.weight[mlp_ch].contiguous(),
-            fc1_b=self.mlp.fc1.bias if full else self.mlp.fc1.bias[mlp_ch].contiguous(),
-            fc2_w=self.mlp.fc2.weight if full else self.mlp.fc2.weight[:, mlp_ch].contiguous(),
-        )
-        self._slice_cache[key] = w
-        while len(self._slice_cache) > SLICE_CACHE_SIZE:
-            self._slice_cache.popitem(last=False)
-        return w
-
-    @property
-    def num_heads_total(self) -> int:
-        return self.attn.num_heads
-
-    def forward_sliced(self, x, c, heads: tuple[int, ...], groups: tuple[int, ...]):
-        """Run only ``heads`` and MLP ``groups`` (shared by the whole sub-batch) and the MLP only
-        on the tokens the SDT router keeps. Returns (x, token keep mask (B, N) bool)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=1))
-        w = self.sliced_weights(heads, groups)
-        B, N, C = x.shape
-        hd = self.attn.head_dim
-        qkv = F.linear(modulate(self.norm1(x), shift_msa, scale_msa), w.qkv_w, w.qkv_b)
-        q, k, v = qkv.reshape(B, N, 3, len(heads), hd).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, len(heads) * hd)
-        x = x + gate_msa.unsqueeze(1) * F.linear(attn, w.proj_w, self.attn.proj.bias)
-
-        # Same threshold as the masked path (sigmoid > 0.5), evaluated once per token.
-        keep = torch.sigmoid(self.token_selection.logits(x)) > 0.5
-        idx = keep.reshape(-1).nonzero().squeeze(1)
-        if idx.numel():
-            # Modulating every token is cheap elementwise work; gathering per-token shift/scale
-            # and scatter-adding cost more on CPU (many small memory-bound ops). The MLP, the
-            # expensive part, runs on the kept tokens only.
-            h = modulate(self.norm2(x), shift_mlp, scale_mlp).reshape(B * N, C).index_select(0, idx)
-            out = F.linear(self.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, self.mlp.fc2.bias)
-            update = torch.zeros(B * N, C, dtype=x.dtype, device=x.device).index_copy_(0, idx, out)
-            x = torch.addcmul(x, update.view(B, N, C), gate_mlp.unsqueeze(1))
-        return x, keep
+    units: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # per block: (heads, groups)
+    heads: torch.Tensor
+    groups: torch.Tensor
 
 
 # ---------------------------------------------------------------------------
@@ -160,6 +62,8 @@ class DyDiT(DiT):
         init_routers_all_on([r for b in self.blocks for r in (b.attn_rate, b.mlp_rate)],
                             [b.token_selection for b in self.blocks])
         self._execution = "sliced"
+        self._plans: OrderedDict[int, WidthPlan] = OrderedDict()
+        self._plans_signature: tuple = ()
 
     @classmethod
     def from_dit(cls, dit: DiT, tdw_bias: float = TDW_INIT_BIAS, sdt_bias: float = SDT_INIT_BIAS) -> "DyDiT":
@@ -196,8 +100,10 @@ class DyDiT(DiT):
                 router.noise_scale = scale
 
     def clear_slice_cache(self) -> None:
+        """Forget every sliced weight and width plan (they are rebuilt on the next forward)."""
         for block in self.blocks:
             block._slice_cache.clear()
+        self._plans.clear()
 
     def forward(self, x, t, y, complete_model: bool = False, return_routing: bool = False):
         tokens, c, t_emb = self.embed(x, t, y)
@@ -208,7 +114,7 @@ class DyDiT(DiT):
         elif self.training or self.execution == "masked":
             tokens, routing = self._forward_masked(tokens, c, t_emb, t)
         else:
-            tokens, routing = self._forward_sliced(tokens, c, t_emb, t)
+            tokens, routing = self._forward_sliced(tokens, c, t)
         out = self.unpatchify(self.final_layer(tokens, c))
         return (out, routing) if return_routing else out
 
@@ -226,24 +132,68 @@ class DyDiT(DiT):
         groups = torch.stack([b.mlp_rate(t_emb) for b in self.blocks], dim=1)
         return heads, groups
 
-    def _forward_sliced(self, tokens, c, t_emb, t):
-        heads, groups = self.width_gates(t_emb)
+    # -- sliced execution: widths planned per timestep -----------------------------------
+
+    def _weights_signature(self) -> tuple:
+        """Changes whenever a parameter is updated in place, replaced or moved."""
+        return tuple((p._version, p.data_ptr()) for p in self.parameters())
+
+    def plan_timesteps(self, timesteps) -> dict[int, WidthPlan]:
+        """The width plans of ``timesteps`` (model timesteps, ints), computed in one router pass
+        for those not yet planned. A sampler calls it once with its whole schedule, so the
+        sampling steps read their widths from the host without a device round-trip."""
+        signature = self._weights_signature()
+        if signature != self._plans_signature:  # new weights: every plan and slice is stale
+            self.clear_slice_cache()
+            self._plans_signature = signature
+        values = sorted({int(v) for v in timesteps})
+        missing = [v for v in values if v not in self._plans]
+        if missing:
+            device = self.pos_embed.device
+            with torch.no_grad():
+                t_emb = self.t_embedder(torch.tensor(missing, device=device))
+            heads = torch.stack([b.attn_rate.eval_gates(t_emb) for b in self.blocks], dim=1)
+            groups = torch.stack([b.mlp_rate.eval_gates(t_emb) for b in self.blocks], dim=1)
+            on_heads, on_groups = heads.bool().cpu(), groups.bool().cpu()  # one transfer for all
+            for i, v in enumerate(missing):
+                units = tuple((tuple(on_heads[i, b].nonzero().squeeze(1).tolist()),
+                               tuple(on_groups[i, b].nonzero().squeeze(1).tolist()))
+                              for b in range(len(self.blocks)))
+                self._plans[v] = WidthPlan(units, heads[i], groups[i])
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return {v: self._plans[v] for v in values}
+
+    def _forward_sliced(self, tokens, c, t):
+        t_host = t.detach().cpu()  # free for a sampler's CPU timesteps; one sync for a device tensor
+        values = t_host.tolist()
+        plans = self.plan_timesteps(values)
         B, N, _ = tokens.shape
-        keep = torch.zeros(B, len(self.blocks), N, dtype=torch.bool, device=tokens.device)
-        # Samples with the same routing pattern (same t, or t's that route alike) run together.
-        patterns, inverse = torch.unique(torch.cat([heads, groups], dim=2).flatten(1) > 0.5,
-                                         dim=0, return_inverse=True)
-        out = torch.empty_like(tokens)
-        for p in range(len(patterns)):
-            rows = (inverse == p).nonzero().squeeze(1)
-            sub, sub_c = tokens.index_select(0, rows), c.index_select(0, rows)
-            first = rows[0]
+        keep = torch.empty(B, len(self.blocks), N, dtype=torch.bool, device=tokens.device)
+        # Samples whose widths agree (in sampling: the whole batch) run together.
+        by_width: dict[tuple, list[int]] = {}
+        for i, v in enumerate(values):
+            by_width.setdefault(plans[v].units, []).append(i)
+        if len(by_width) == 1:
+            units = next(iter(by_width))
             for i, block in enumerate(self.blocks):
-                active_h = tuple(heads[first, i].nonzero().squeeze(1).tolist())
-                active_g = tuple(groups[first, i].nonzero().squeeze(1).tolist())
-                sub, k = block.forward_sliced(sub, sub_c, active_h, active_g)
-                keep[rows, i] = k
-            out[rows] = sub
+                tokens, keep[:, i] = block.forward_sliced(tokens, c, *units[i])
+            out = tokens
+        else:
+            out = torch.empty_like(tokens)
+            for units, members in by_width.items():
+                rows = torch.tensor(members, device=tokens.device)
+                sub, sub_c = tokens.index_select(0, rows), c.index_select(0, rows)
+                for i, block in enumerate(self.blocks):
+                    sub, k = block.forward_sliced(sub, sub_c, *units[i])
+                    keep[rows, i] = k
+                out[rows] = sub
+        if len(plans) == 1:
+            plan = next(iter(plans.values()))
+            heads, groups = plan.heads.expand(B, -1, -1), plan.groups.expand(B, -1, -1)
+        else:
+            heads = torch.stack([plans[v].heads for v in values])
+            groups = torch.stack([plans[v].groups for v in values])
         return out, Routing(heads, groups, keep.to(tokens.dtype), t)
 
     def sampling_cost(self, steps: int, method: str = "ddim", device="cpu") -> dict:
@@ -281,6 +231,9 @@ class RoutingRecorder(nn.Module):
         self.inputs: list[torch.Tensor] = []  # x_t of every call, with keep_inputs
         self.config, self.num_classes, self.in_channels = model.config, model.num_classes, model.in_channels
 
+    def plan_timesteps(self, timesteps):
+        return self.model.plan_timesteps(timesteps)
+
     def forward(self, x, t, y):
         out, routing = self.model(x, t, y, return_routing=True)
         if self.keep_inputs:
@@ -306,6 +259,9 @@ class CompleteModel(nn.Module):
             raise ValueError(f"from_t must be in [0, 1000), got {from_t}")
         self.model, self.from_t = model, from_t
         self.config, self.num_classes, self.in_channels = model.config, model.num_classes, model.in_channels
+
+    def plan_timesteps(self, timesteps):
+        return self.model.plan_timesteps(timesteps)
 
     def forward(self, x, t, y):
         complete = t >= self.from_t

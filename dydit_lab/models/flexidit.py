@@ -200,6 +200,7 @@ class FlexiDiT(DiT):
         if patch_size == self.patch_size:
             return self.embed(x, t, y)
         self._check_inputs(x, t, y)
+        t = t.to(x.device)
         key = str(patch_size)
         tokens = self.flex_embedders[key](x) + self.flex_pos_embed[key] + self.flex_size_embed[key]
         t_emb = self.t_embedder(t)

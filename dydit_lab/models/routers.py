@@ -63,6 +63,12 @@ class WidthRouter(nn.Module):
         gates = gate(self.logits(t_emb), self.training, noise_scale=self.noise_scale)
         return torch.cat([torch.ones_like(gates[:, :1]), gates], dim=1)
 
+    @torch.no_grad()
+    def eval_gates(self, t_emb: torch.Tensor) -> torch.Tensor:
+        """The gates sampling uses (hard threshold, no noise), whatever the module's mode."""
+        gates = (torch.sigmoid(self.logits(t_emb)) > 0.5).to(t_emb.dtype)
+        return torch.cat([torch.ones_like(gates[:, :1]), gates], dim=1)
+
 
 class TokenRouter(nn.Module):
     """SDT router: residual stream tokens (B, N, D) -> keep gates (B, N).

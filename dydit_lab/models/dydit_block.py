@@ -1,0 +1,127 @@
+"""The DyDiT block: a DiT block with TDW routers (heads, MLP groups) and an SDT router (tokens),
+run either masked (full width times gates, as the official release; used in training) or
+sliced (only the active heads, groups and kept tokens; same values)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .dit import DiTBlock, modulate
+from .routers import TokenRouter, WidthRouter
+
+SLICE_CACHE_SIZE = 16  # widths kept per block (consecutive steps mostly share one)
+
+
+# ---------------------------------------------------------------------------
+# Block
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _SlicedWeights:
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    proj_w: torch.Tensor
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor
+    fc2_w: torch.Tensor
+
+
+class DyDiTBlock(DiTBlock):
+    """DiT block with TDW (heads, MLP groups) and SDT (tokens) routers."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__(hidden_size, num_heads, mlp_ratio)
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        if mlp_hidden % num_heads:
+            raise ValueError(f"MLP hidden size {mlp_hidden} does not split into {num_heads} groups")
+        self.group_size = mlp_hidden // num_heads
+        self.attn_rate = WidthRouter(hidden_size, num_heads)
+        self.mlp_rate = WidthRouter(hidden_size, num_heads)
+        self.token_selection = TokenRouter(hidden_size)
+        self._slice_cache: OrderedDict = OrderedDict()
+
+    # -- masked (official-style) ----------------------------------------------------
+
+    def forward_masked(self, x, c, t_emb):
+        """Full-width computation multiplied by the gates. Returns (x, heads, groups, tokens)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c).chunk(6, dim=1))
+        heads, groups = self.attn_rate(t_emb), self.mlp_rate(t_emb)
+        B, N, C = x.shape
+        per_head = self.attn.heads(modulate(self.norm1(x), shift_msa, scale_msa))
+        per_head = per_head * heads[:, :, None, None]
+        x = x + gate_msa.unsqueeze(1) * self.attn.proj(per_head.transpose(1, 2).reshape(B, N, C))
+        tokens = self.token_selection(x)
+        hidden = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        hidden = hidden * groups.repeat_interleave(self.group_size, dim=1).unsqueeze(1)
+        mlp_out = self.mlp.fc2(self.mlp.act(hidden))
+        x = x + tokens.unsqueeze(-1) * (gate_mlp.unsqueeze(1) * mlp_out)
+        return x, heads, groups, tokens
+
+    # -- sliced (really skips) --------------------------------------------------------
+
+    def sliced_weights(self, heads: tuple[int, ...], groups: tuple[int, ...]) -> _SlicedWeights:
+        """Weights of the active heads and MLP groups, cached per width (the model clears the
+        cache whenever a parameter changes)."""
+        key = (heads, groups)
+        if key in self._slice_cache:
+            self._slice_cache.move_to_end(key)
+            return self._slice_cache[key]
+        D, hd = self.attn.proj.in_features, self.attn.head_dim
+        device = self.attn.qkv.weight.device
+        head_ch = torch.tensor([h * hd + d for h in heads for d in range(hd)], device=device)
+        qkv_rows = torch.cat([head_ch + i * D for i in range(3)])
+        mlp_ch = torch.tensor([g * self.group_size + j for g in groups for j in range(self.group_size)],
+                              device=device)
+        full = len(heads) == self.num_heads_total and len(groups) == self.num_heads_total
+        w = _SlicedWeights(
+            qkv_w=self.attn.qkv.weight if full else self.attn.qkv.weight[qkv_rows].contiguous(),
+            qkv_b=self.attn.qkv.bias if full else self.attn.qkv.bias[qkv_rows].contiguous(),
+            proj_w=self.attn.proj.weight if full else self.attn.proj.weight[:, head_ch].contiguous(),
+            fc1_w=self.mlp.fc1.weight if full else self.mlp.fc1.weight[mlp_ch].contiguous(),
+            fc1_b=self.mlp.fc1.bias if full else self.mlp.fc1.bias[mlp_ch].contiguous(),
+            fc2_w=self.mlp.fc2.weight if full else self.mlp.fc2.weight[:, mlp_ch].contiguous(),
+        )
+        self._slice_cache[key] = w
+        while len(self._slice_cache) > SLICE_CACHE_SIZE:
+            self._slice_cache.popitem(last=False)
+        return w
+
+    @property
+    def num_heads_total(self) -> int:
+        return self.attn.num_heads
+
+    def forward_sliced(self, x, c, heads: tuple[int, ...], groups: tuple[int, ...]):
+        """Run only ``heads`` and MLP ``groups`` (shared by the whole sub-batch) and the MLP only
+        on the tokens the SDT router keeps. Returns (x, token keep mask (B, N) bool)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c).chunk(6, dim=1))
+        w = self.sliced_weights(heads, groups)
+        B, N, C = x.shape
+        hd = self.attn.head_dim
+        qkv = F.linear(modulate(self.norm1(x), shift_msa, scale_msa), w.qkv_w, w.qkv_b)
+        q, k, v = qkv.reshape(B, N, 3, len(heads), hd).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, len(heads) * hd)
+        x = x + gate_msa.unsqueeze(1) * F.linear(attn, w.proj_w, self.attn.proj.bias)
+
+        # Same threshold as the masked path (sigmoid > 0.5), evaluated once per token.
+        keep = torch.sigmoid(self.token_selection.logits(x)) > 0.5
+        idx = keep.reshape(-1).nonzero().squeeze(1)  # the block's one host synchronisation
+        kept = idx.numel()
+        if kept == B * N:  # every token: the plain MLP, no gather
+            h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+            out = F.linear(self.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, self.mlp.fc2.bias)
+            x = x + gate_mlp.unsqueeze(1) * out
+        elif kept:
+            # Modulating every token is cheap elementwise work; the MLP, the expensive part,
+            # runs on the kept rows only, and its gated output is added back in one op.
+            h = modulate(self.norm2(x), shift_mlp, scale_mlp).reshape(B * N, C).index_select(0, idx)
+            out = F.linear(self.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, self.mlp.fc2.bias)
+            out = out * gate_mlp.index_select(0, torch.div(idx, N, rounding_mode="floor"))
+            x = x.reshape(B * N, C).index_add(0, idx, out).view(B, N, C)
+        return x, keep
