@@ -280,6 +280,21 @@ class DiT(nn.Module):
         return guide_doubled_output(self(torch.cat([half, half]), t, y), self.in_channels, cfg_scale)
 
 
+class ModelWrapper(nn.Module):
+    """Base of wrappers that are sampled in place of the model they wrap (a routing recorder, a
+    patch schedule, ...): they answer ``config``, ``num_classes``, ``in_channels`` and ``arch``
+    as the wrapped model does. Guidance needs nothing from them: it is the sampler's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    config = property(lambda self: self.model.config)
+    num_classes = property(lambda self: self.model.num_classes)
+    in_channels = property(lambda self: self.model.in_channels)
+    arch = property(lambda self: self.model.arch)
+
+
 # ---------------------------------------------------------------------------
 # Fixed 2-D sin-cos position embedding (same values as the official numpy code)
 # ---------------------------------------------------------------------------

@@ -19,11 +19,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from .. import flops as flops_lib
 from ..diffusion import GaussianDiffusion
-from .dit import DiT, DiTBlock, DiTConfig
+from .dit import DiT, DiTBlock, DiTConfig, ModelWrapper
 from .dydit_block import DyDiTBlock
 from .routers import SDT_INIT_BIAS, TDW_INIT_BIAS, Routing, init_routers_all_on
 
@@ -214,7 +213,7 @@ def is_router_key(name: str) -> bool:
     return any(part in name for part in ("attn_rate.", "mlp_rate.", "token_selection."))
 
 
-class RoutingRecorder(nn.Module):
+class RoutingRecorder(ModelWrapper):
     """Wraps a DyDiT so that every forward (e.g. inside a sampler) records its routing.
 
     ``records`` holds one detached CPU :class:`Routing` per call; with classifier-free
@@ -222,14 +221,12 @@ class RoutingRecorder(nn.Module):
     """
 
     def __init__(self, model: DyDiT, keep_inputs: bool = False):
-        super().__init__()
         if not isinstance(model, DyDiT):
             raise TypeError(f"RoutingRecorder needs a DyDiT, got {type(model).__name__}")
-        self.model = model
+        super().__init__(model)
         self.records: list[Routing] = []
         self.keep_inputs = keep_inputs
         self.inputs: list[torch.Tensor] = []  # x_t of every call, with keep_inputs
-        self.config, self.num_classes, self.in_channels = model.config, model.num_classes, model.in_channels
 
     def plan_timesteps(self, timesteps):
         return self.model.plan_timesteps(timesteps)
@@ -243,7 +240,7 @@ class RoutingRecorder(nn.Module):
         return out
 
 
-class CompleteModel(nn.Module):
+class CompleteModel(ModelWrapper):
     """A DyDiT with every head, group and token on (its routers bypassed): the control that
     separates what fine-tuning did to the weights from what the routing costs.
 
@@ -252,13 +249,12 @@ class CompleteModel(nn.Module):
     """
 
     def __init__(self, model: DyDiT, from_t: int = 0):
-        super().__init__()
         if not isinstance(model, DyDiT):
             raise TypeError(f"CompleteModel needs a DyDiT, got {type(model).__name__}")
         if not 0 <= from_t < 1000:
             raise ValueError(f"from_t must be in [0, 1000), got {from_t}")
-        self.model, self.from_t = model, from_t
-        self.config, self.num_classes, self.in_channels = model.config, model.num_classes, model.in_channels
+        super().__init__(model)
+        self.from_t = from_t
 
     def plan_timesteps(self, timesteps):
         return self.model.plan_timesteps(timesteps)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import flops
 from ..diffusion import NUM_TIMESTEPS, guide_doubled_output, space_timesteps
 from .configs import DiTConfig, coarse_patch_sizes
-from .dit import DiT, PatchEmbed, _1d_sincos, get_2d_sincos_pos_embed, modulate
+from .dit import DiT, ModelWrapper, PatchEmbed, _1d_sincos, get_2d_sincos_pos_embed, modulate
 
 FLEX_PREFIX = "flex_"
 RESIZE_MODES = ("bilinear", "nearest")
@@ -248,7 +248,7 @@ class FlexiDiT(DiT):
 # ---------------------------------------------------------------------------
 
 
-class PatchSchedule(nn.Module):
+class PatchSchedule(ModelWrapper):
     """A FlexiDiT that picks its patch size from the timestep: a sampler's model.
 
     With ``total_steps`` S (the respaced process ``GaussianDiffusion().respaced(S)``, whose
@@ -263,17 +263,15 @@ class PatchSchedule(nn.Module):
 
     def __init__(self, model: FlexiDiT, coarse_steps: int, total_steps: int,
                  coarse_patch: int | None = None, num_timesteps: int = NUM_TIMESTEPS):
-        super().__init__()
         if not isinstance(model, FlexiDiT):
             raise TypeError(f"PatchSchedule needs a FlexiDiT, got {type(model).__name__}")
         if not 0 <= coarse_steps <= total_steps:
             raise ValueError(f"coarse_steps must lie in [0, {total_steps}], got {coarse_steps}")
-        self.model = model
+        super().__init__(model)
         self.coarse_patch = model._resolve_patch(coarse_patch or model.coarse_patches[0])
         self.coarse_steps, self.total_steps = coarse_steps, total_steps
         self.timesteps = sorted(space_timesteps(num_timesteps, total_steps), reverse=True)
         self.threshold = self.timesteps[coarse_steps - 1] if coarse_steps else None
-        self.config, self.num_classes, self.in_channels = model.config, model.num_classes, model.in_channels
         self.calls: list[tuple[int, int | str]] = []
 
     def patch_for(self, t: int) -> int:

@@ -264,15 +264,20 @@ def plot_speedup_vs_ratio(bench: pd.DataFrame, paper: pd.DataFrame | None = None
 
 
 def plot_speedup_vs_batch(bench: pd.DataFrame, ax: Axes | None = None) -> Figure:
-    """Speed-up vs batch size per device and target (log-2 batch axis)."""
+    """Speed-up vs batch size, one series per device, target and thread count (runs at
+    different thread counts are never merged into one point); log-2 batch axis."""
     fig, ax = _axes(ax)
-    groups = bench.groupby([bench["device"].astype(str), bench["target_ratio"].round(2)])
-    for i, ((device, target), rows) in enumerate(groups):
+    threads = bench["num_threads"] if "num_threads" in bench else pd.Series(0, index=bench.index)
+    keys = [bench["device"].astype(str), bench["target_ratio"].round(2), threads.fillna(0).astype(int)]
+    styles = ["-", "-.", "--", ":"]
+    for i, ((device, target, n), rows) in enumerate(bench.groupby(keys)):
         rows = rows.groupby("batch_size", as_index=False)[["speedup", "masked_speedup"]].median()
         color = PALETTE[i % len(PALETTE)]
-        ax.plot(rows["batch_size"], rows["speedup"], "o-", color=color, label=f"sliced, {device}, ratio {target}")
+        where = f"{device}, {n} thread{'s' if n != 1 else ''}" if n else device
+        ax.plot(rows["batch_size"], rows["speedup"], "o" + styles[0], color=color,
+                label=f"sliced, ratio {target}, {where}")
         ax.plot(rows["batch_size"], rows["masked_speedup"], "x--", color=color, alpha=0.7,
-                label=f"masked, {device}, ratio {target}")
+                label=f"masked, ratio {target}, {where}")
         ax.axhline(1 / target, color=color, ls=":", lw=1)
     ax.set_xscale("log", base=2)
     ax.axhline(1.0, color="black", lw=0.6)
