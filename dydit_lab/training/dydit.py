@@ -24,6 +24,7 @@ import torch
 from ..checkpoints import CheckpointError, load_model
 from ..diffusion import GaussianDiffusion
 from ..models.dydit import DyDiT
+from ..models.routers import init_routers_all_on
 from ..paths import CHECKPOINT_DIR
 from .loop import Batch, LoopConfig, Objective, StepResult, run_training, stratified_timesteps
 
@@ -45,6 +46,7 @@ class FinetuneConfig(LoopConfig):
     noise_off_step: int = 900  # Gumbel noise fades from anneal_steps to 0 here, then gates as in sampling (0: never)
     router_objective: str = "relative"  # relative: routers weigh each t's loss by 1 / the parent's loss there; absolute: official
     distill: float = 0.0  # regress on (1 - distill) * noise + distill * the parent's prediction (0: official)
+    routers: str = "both"  # both; tdw: width routers only (every token kept); sdt: token routers only (full width)
     ema_decay: float = 0.995  # kept, but export the online weights: an EMA of router weights routes differently
     ckpt_minutes: float = 4.0
     lr: float = 1e-4  # the DiT weights; routers use router_lr
@@ -132,13 +134,14 @@ class DyDiTObjective(Objective):
         if not isinstance(parent, DyDiT):
             parent = DyDiT.from_dit(parent, tdw_bias=self.cfg.tdw_init_bias, sdt_bias=self.cfg.sdt_init_bias)
         model = parent.to(device)
+        freeze_routers(model, self.cfg.routers)
         # Copied before the checkpoint is restored: on --resume too, the teacher is the parent.
         if self.cfg.distill:
             self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
         return model
 
     def param_groups(self, model):
-        self.router_params = model.router_parameters()
+        self.router_params = [p for p in model.router_parameters() if p.requires_grad]
         routers = set(map(id, self.router_params))
         return [
             {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in routers],
@@ -185,7 +188,22 @@ class DyDiTObjective(Objective):
         return StepResult(loss, log, override)
 
 
+def freeze_routers(model: DyDiT, which: str) -> None:
+    """For the TDW-only / SDT-only ablations: the other kind of router is set all-on (the
+    official init biases) and frozen, so the FLOPs target is met by the trained kind alone."""
+    if which == "both":
+        return
+    width = [r for block in model.blocks for r in (block.attn_rate, block.mlp_rate)]
+    tokens = [block.token_selection for block in model.blocks]
+    frozen_width, frozen_tokens = (width, []) if which == "sdt" else ([], tokens)
+    init_routers_all_on(frozen_width, frozen_tokens)
+    for router in frozen_width + frozen_tokens:
+        router.requires_grad_(False)
+
+
 def check_finetune_config(cfg: FinetuneConfig) -> None:
+    if cfg.routers not in ("both", "tdw", "sdt"):
+        raise ValueError(f"routers must be both, tdw or sdt, got {cfg.routers!r}")
     if not 0 < cfg.target_ratio <= 1:
         raise ValueError(f"target_ratio must be in (0, 1], got {cfg.target_ratio}")
     if cfg.router_objective not in ("relative", "absolute"):
