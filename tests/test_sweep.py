@@ -93,3 +93,12 @@ def test_dry_run_changes_nothing(tmp_path, tiny_parent, capsys):
     main(["sweep", "--spec", str(write_spec(tmp_path, tiny_parent)), "--dry-run"])
     assert capsys.readouterr().out.count(": train") == 2
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.parametrize("name", ["lambda", "controls", "ablations"])
+def test_committed_specs_are_valid(name):
+    from dydit_lab.paths import DATA_DIR
+
+    runs = plan_runs(read_spec(DATA_DIR / "sweeps" / f"{name}.toml"))
+    assert len(runs) == {"lambda": 21, "controls": 3, "ablations": 6}[name]
+    assert len({r.folder for r in runs}) == len(runs) and len({r.name for r in runs}) == len(runs)
