@@ -19,6 +19,7 @@ from .models.configs import get_config
 from .models.dit import DiT
 from .models.dydit import DyDiT, is_router_key
 from .models.flexidit import FLEX_PREFIX, FlexiDiT, flex_patches_in
+from .models.routers import set_router_release
 
 
 
@@ -113,6 +114,40 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], arc
         raise CheckpointError("\n".join(lines))
 
 
+def router_release(state: dict[str, torch.Tensor], num_heads: int) -> str:
+    """Which DyDiT release a state dict's TDW routers follow, by their output size: H - 1
+    (``"2025"``, alibaba-damo-academy/DyDiT: unit 0 always on) or H (``"2024"``,
+    NUS-HPC-AI-Lab's ``dydit_0.7.pth``: a gate per unit). Any other size, or a mix of the
+    two, is a :class:`CheckpointError` naming the key."""
+    accepted = {num_heads - 1: "2025", num_heads: "2024"}
+    found = {}
+    for key, value in sorted(state.items()):
+        if key.endswith(("attn_rate.router.weight", "mlp_rate.router.weight")):
+            if value.ndim != 2 or value.shape[0] not in accepted:
+                raise CheckpointError(
+                    f"{key} has shape {tuple(value.shape)}; a DyDiT router with {num_heads} heads is "
+                    f"({num_heads - 1}, D) (2025 release) or ({num_heads}, D) (December 2024 release)")
+            found.setdefault(accepted[value.shape[0]], key)
+    if len(found) > 1:
+        raise CheckpointError(f"routers of both DyDiT releases in one checkpoint: {found['2025']} has "
+                              f"{num_heads - 1} outputs, {found['2024']} has {num_heads}")
+    return next(iter(found), "2025")
+
+
+def _match_router_release(model: DyDiT, state: dict[str, torch.Tensor], arch: str) -> None:
+    """Give ``model`` the routers of the release ``state`` follows. A router of neither shape is
+    reported with every other misfit of the state dict (a wrong arch shows as such)."""
+    try:
+        release = router_release(state, model.config.num_heads)
+    except CheckpointError as router_err:
+        try:
+            check_state_dict(model, state, arch)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}\n  {router_err}") from None
+        raise
+    set_router_release([r for b in model.blocks for r in (b.attn_rate, b.mlp_rate)], release)
+
+
 def load_model(path_or_state_dict, arch: str | None = None, input_size: int | None = None,
                in_channels: int | None = None, num_classes: int | None = None,
                learn_sigma: bool | None = None, device: str | torch.device = "cpu") -> DiT:
@@ -122,7 +157,8 @@ def load_model(path_or_state_dict, arch: str | None = None, input_size: int | No
     (like the official ``DiT-XL-2-256x256.pt``) or a training checkpoint
     ``{"model", "ema", "opt", "args"}`` (its ``ema`` weights are used). ``arch`` defaults to
     the one recorded in the checkpoint's args; the other options, when not given, come from
-    the recorded config or are read off the weights' shapes.
+    the recorded config or are read off the weights' shapes. A DyDiT's routers may follow
+    either official release (:func:`router_release`).
     """
     obj = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_checkpoint(path_or_state_dict)
     state, args = split_checkpoint(obj)
@@ -145,6 +181,8 @@ def load_model(path_or_state_dict, arch: str | None = None, input_size: int | No
     except (ValueError, TypeError) as err:
         raise CheckpointError(str(err)) from err
     model = (DyDiT if checkpoint_kind(state) == "dydit" else DiT)(config, arch=arch)
+    if isinstance(model, DyDiT):
+        _match_router_release(model, state, arch)
     check_state_dict(model, state, arch)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.to(device).eval()

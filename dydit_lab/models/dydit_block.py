@@ -74,10 +74,10 @@ class DyDiTBlock(DiTBlock):
             return self._slice_cache[key]
         D, hd = self.attn.proj.in_features, self.attn.head_dim
         device = self.attn.qkv.weight.device
-        head_ch = torch.tensor([h * hd + d for h in heads for d in range(hd)], device=device)
+        head_ch = torch.tensor([h * hd + d for h in heads for d in range(hd)], dtype=torch.long, device=device)
         qkv_rows = torch.cat([head_ch + i * D for i in range(3)])
         mlp_ch = torch.tensor([g * self.group_size + j for g in groups for j in range(self.group_size)],
-                              device=device)
+                              dtype=torch.long, device=device)
         full = len(heads) == self.num_heads_total and len(groups) == self.num_heads_total
         w = _SlicedWeights(
             qkv_w=self.attn.qkv.weight if full else self.attn.qkv.weight[qkv_rows].contiguous(),
@@ -104,10 +104,13 @@ class DyDiTBlock(DiTBlock):
         w = self.sliced_weights(heads, groups)
         B, N, C = x.shape
         hd = self.attn.head_dim
-        qkv = F.linear(modulate(self.norm1(x), shift_msa, scale_msa), w.qkv_w, w.qkv_b)
-        q, k, v = qkv.reshape(B, N, 3, len(heads), hd).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, len(heads) * hd)
-        x = x + gate_msa.unsqueeze(1) * F.linear(attn, w.proj_w, self.attn.proj.bias)
+        if heads:
+            qkv = F.linear(modulate(self.norm1(x), shift_msa, scale_msa), w.qkv_w, w.qkv_b)
+            q, k, v = qkv.reshape(B, N, 3, len(heads), hd).permute(2, 0, 3, 1, 4).unbind(0)
+            attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, len(heads) * hd)
+            x = x + gate_msa.unsqueeze(1) * F.linear(attn, w.proj_w, self.attn.proj.bias)
+        else:  # every head off (2024 release: no always-on head): proj of zeros is its bias
+            x = x + gate_msa.unsqueeze(1) * self.attn.proj.bias
 
         # Same threshold as the masked path (sigmoid > 0.5), evaluated once per token.
         keep = torch.sigmoid(self.token_selection.logits(x)) > 0.5
@@ -115,13 +118,17 @@ class DyDiTBlock(DiTBlock):
         kept = idx.numel()
         if kept == B * N:  # every token: the plain MLP, no gather
             h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-            out = F.linear(self.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, self.mlp.fc2.bias)
-            x = x + gate_mlp.unsqueeze(1) * out
+            x = x + gate_mlp.unsqueeze(1) * self._sliced_mlp(h, w, groups)
         elif kept:
             # Modulating every token is cheap elementwise work; the MLP, the expensive part,
             # runs on the kept rows only, and its gated output is added back in one op.
             h = modulate(self.norm2(x), shift_mlp, scale_mlp).reshape(B * N, C).index_select(0, idx)
-            out = F.linear(self.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, self.mlp.fc2.bias)
-            out = out * gate_mlp.index_select(0, torch.div(idx, N, rounding_mode="floor"))
+            out = self._sliced_mlp(h, w, groups) * gate_mlp.index_select(0, torch.div(idx, N, rounding_mode="floor"))
             x = x.reshape(B * N, C).index_add(0, idx, out).view(B, N, C)
         return x, keep
+
+    def _sliced_mlp(self, h, w: _SlicedWeights, groups: tuple[int, ...]):
+        """The MLP on the active groups; with none (2024 release), GELU(0) = 0 leaves fc2's bias."""
+        if not groups:
+            return self.mlp.fc2.bias.expand(*h.shape[:-1], -1)
+        return F.linear(self.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, self.mlp.fc2.bias)

@@ -1,7 +1,8 @@
 """DyDiT's routers: timestep-wise dynamic width (TDW) and spatial-wise dynamic tokens (SDT).
 
 Parameter names follow the official DyDiT layout (``attn_rate.router``, ``mlp_rate.router``,
-``token_selection.mlp_head.0/2``) so official checkpoints load unchanged.
+``token_selection.mlp_head.0/2``) so official checkpoints load unchanged. The two DyDiT
+releases differ only in the TDW routers' output size (see :class:`WidthRouter`).
 """
 
 from __future__ import annotations
@@ -43,31 +44,61 @@ def gate(logits: torch.Tensor, training: bool, tau: float = GUMBEL_TAU,
 
 
 class WidthRouter(nn.Module):
-    """TDW router: timestep embedding (B, D) -> gates over H units (B, H); unit 0 always on.
+    """TDW router: timestep embedding (B, D) -> gates over H units (B, H).
 
     One router chooses attention heads, another MLP channel groups (the hidden layer split
     into H equal groups). It reads only the timestep embedding, so its decision is shared by
     every sample (and every class) at the same t: the basis of per-timestep weight slicing.
+
+    ``always_on_first``: the 2025 release's layout (``Linear(D, H-1)``, unit 0 always on, our
+    default); ``False`` is the December 2024 release's (``Linear(D, H)``, a gate per unit, so
+    a block may switch every head or group off).
     """
 
-    def __init__(self, dim: int, num_units: int):
+    def __init__(self, dim: int, num_units: int, always_on_first: bool = True):
         super().__init__()
         self.num_units = num_units
-        self.router = nn.Linear(dim, num_units - 1)
+        self.always_on_first = always_on_first
+        self.router = nn.Linear(dim, num_units - int(always_on_first))
         self.noise_scale = 1.0  # Gumbel noise in training (see ``gate``)
 
     def logits(self, t_emb: torch.Tensor) -> torch.Tensor:
         return self.router(t_emb)
 
-    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
-        gates = gate(self.logits(t_emb), self.training, noise_scale=self.noise_scale)
+    def _with_first(self, gates: torch.Tensor) -> torch.Tensor:
+        if not self.always_on_first:
+            return gates
         return torch.cat([torch.ones_like(gates[:, :1]), gates], dim=1)
+
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        return self._with_first(gate(self.logits(t_emb), self.training, noise_scale=self.noise_scale))
 
     @torch.no_grad()
     def eval_gates(self, t_emb: torch.Tensor) -> torch.Tensor:
         """The gates sampling uses (hard threshold, no noise), whatever the module's mode."""
-        gates = (torch.sigmoid(self.logits(t_emb)) > 0.5).to(t_emb.dtype)
-        return torch.cat([torch.ones_like(gates[:, :1]), gates], dim=1)
+        return self._with_first((torch.sigmoid(self.logits(t_emb)) > 0.5).to(t_emb.dtype))
+
+
+ROUTER_RELEASES = {"2025": True, "2024": False}  # release -> always_on_first
+
+
+def set_router_release(width_routers, release: str) -> None:
+    """Give TDW routers the layout of a DyDiT release (``ROUTER_RELEASES``), in place.
+
+    A router whose layout changes gets a fresh, zero-initialised ``Linear`` of the new shape
+    (its weights are expected to be loaded next, e.g. from a checkpoint of that release).
+    """
+    if release not in ROUTER_RELEASES:
+        raise ValueError(f"unknown DyDiT release {release!r}; choose one of {', '.join(ROUTER_RELEASES)}")
+    always_on_first = ROUTER_RELEASES[release]
+    for r in width_routers:
+        if r.always_on_first != always_on_first:
+            old = r.router
+            r.router = nn.Linear(old.in_features, r.num_units - int(always_on_first),
+                                 device=old.weight.device, dtype=old.weight.dtype)
+            nn.init.zeros_(r.router.weight)
+            nn.init.constant_(r.router.bias, TDW_INIT_BIAS)
+            r.always_on_first = always_on_first
 
 
 class TokenRouter(nn.Module):
