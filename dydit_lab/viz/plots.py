@@ -43,6 +43,11 @@ def _axes(ax: Axes | None, figsize=(6, 4)) -> tuple[Figure, Axes]:
     return ax.figure, ax
 
 
+def display_name(name: str) -> str:
+    """A row or trace name as a figure shows it ("lambda = 0.5" -> "λ = 0.5")."""
+    return str(name).replace("lambda", "λ")
+
+
 def _image_array(img) -> np.ndarray:
     """(C, H, W) in [-1, 1] -> (H, W) or (H, W, 3) in [0, 1] for imshow."""
     arr = torch.as_tensor(img).detach().float().cpu().clamp(-1, 1).add(1).div(2).numpy()
@@ -297,11 +302,14 @@ def plot_quality_vs_flops(table: pd.DataFrame) -> Figure:
     for ax, column, label in ((ax_fd, "fd_lenet", "FD-LeNet (lower is better)"),
                               (ax_acc, "accuracy", "class accuracy")):
         ax.scatter(table["gflops_per_step"], table[column], s=60, color=PALETTE[0], zorder=3)
-        for _, row in table.iterrows():
-            right_half = row["gflops_per_step"] > middle
-            ax.annotate(str(row["name"]), (row["gflops_per_step"], row[column]), fontsize=8,
-                        xytext=(-6 if right_half else 4, 4), textcoords="offset points",
-                        ha="right" if right_half else "left")
+        labels = [(row["gflops_per_step"], row[column], display_name(row["name"]),
+                   -6 if row["gflops_per_step"] > middle else 4) for _, row in table.iterrows()]
+        offsets = label_offsets(ax, [(x, y) for x, y, _, _ in labels], [t for _, _, t, _ in labels],
+                                [dx for _, _, _, dx in labels], fontsize=8)
+        for (x, y, text, dx), dy in zip(labels, offsets):
+            ax.annotate(text, (x, y), fontsize=8, xytext=(dx, dy), textcoords="offset points",
+                        ha="right" if dx < 0 else "left",
+                        arrowprops=dict(arrowstyle="-", lw=0.4, color="grey") if abs(dy) > 8 else None)
         ax.set_xlabel("GFLOPs per image per sampling step", fontsize=LABEL_SIZE)
         ax.set_ylabel(label, fontsize=LABEL_SIZE)
         _style(ax)
@@ -310,6 +318,35 @@ def plot_quality_vs_flops(table: pd.DataFrame) -> Figure:
 
 
 STRATEGY_MARKERS = {"static": "o", "DyDiT": "s", "FlexiDiT": "^"}
+
+
+def label_offsets(ax: Axes, points, texts, anchors, fontsize: float = 8.0, gap: float = 1.3) -> list[float]:
+    """Vertical offsets (points) for labels so that no two overlap.
+
+    ``points``: data coordinates; ``texts``: the labels; ``anchors``: each label's horizontal
+    offset in points (negative: the label ends there, right-aligned). A label's width is
+    estimated from its length; each label, from the lowest up, moves up past those already
+    placed that it would overlap. Call after the axes' data are plotted.
+    """
+    ax.autoscale_view()
+    scale = 72.0 / ax.figure.dpi  # display pixels -> points
+    where = [ax.transData.transform(p) * scale for p in points]
+    height = gap * fontsize
+    spans = []
+    for (x, _), text, dx in zip(where, texts, anchors):
+        width = 0.55 * fontsize * len(text)
+        spans.append((x + dx - width, x + dx) if dx < 0 else (x + dx, x + dx + width))
+    offsets = [3.0] * len(points)
+    placed: list[tuple[float, float, float]] = []  # (left, right, label y)
+    for i in sorted(range(len(points)), key=lambda k: where[k][1]):
+        left, right = spans[i]
+        label_y = where[i][1] + offsets[i]
+        for other_left, other_right, other_y in sorted(placed, key=lambda p: p[2]):
+            if left < other_right and other_left < right and abs(other_y - label_y) < height:
+                label_y = other_y + height
+        offsets[i] = label_y - where[i][1]
+        placed.append((left, right, label_y))
+    return offsets
 
 
 def plot_strategies(table: pd.DataFrame) -> Figure:
@@ -321,13 +358,17 @@ def plot_strategies(table: pd.DataFrame) -> Figure:
     metrics = [("fd_lenet", "FD-LeNet (lower is better)"), ("accuracy", "class accuracy (higher is better)")]
     for row, (metric, metric_label) in zip(axes, metrics):
         for ax, (x, x_label) in zip(row, panels):
+            placed = []
             for i, (family, group) in enumerate(table.groupby("strategy", sort=False)):
                 group = group.sort_values(x)
                 ax.plot(group[x], group[metric], marker=STRATEGY_MARKERS.get(family, "o"), ms=7,
                         color=PALETTE[i], label=family)
-                for _, r in group.iterrows():
-                    ax.annotate(str(r["setting"]), (r[x], r[metric]), fontsize=7, color=PALETTE[i],
-                                xytext=(4, 3), textcoords="offset points")
+                placed.extend((r[x], r[metric], display_name(r["setting"]), PALETTE[i])
+                              for _, r in group.iterrows())
+            offsets = label_offsets(ax, [(a, b) for a, b, _, _ in placed], [t for _, _, t, _ in placed],
+                                    [4] * len(placed), fontsize=7)
+            for (px, py, text, colour), dy in zip(placed, offsets):
+                ax.annotate(text, (px, py), fontsize=7, color=colour, xytext=(4, dy), textcoords="offset points")
             ax.set_xlabel(x_label, fontsize=LABEL_SIZE)
             ax.set_ylabel(metric_label, fontsize=LABEL_SIZE)
             ax.grid(alpha=0.3)

@@ -10,10 +10,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
 
 from ..analysis.routing import RoutingTrace
-from .plots import PALETTE, T_LABEL, TITLE_SIZE, LABEL_SIZE, _style, _image_array, _axes
+from .plots import LABEL_SIZE, PALETTE, T_LABEL, TITLE_SIZE, _axes, _image_array, _style, display_name
 
 
 # ---------------------------------------------------------------------------
@@ -31,20 +32,23 @@ def plot_width_heatmap(trace: RoutingTrace, kind: str = "heads", ax: Axes | None
     if kind not in ("heads", "groups"):
         raise ValueError(f"kind must be 'heads' or 'groups', got {kind!r}")
     fig, ax = _axes(ax)
-    gates = getattr(trace, kind).float().mean(dim=(1, 3)).T.numpy()  # (depth, S)
+    units = getattr(trace, kind).shape[-1]
+    active = getattr(trace, kind).float().sum(-1).mean(dim=1).T.numpy()  # (depth, S) units on
     t = np.array(trace.timesteps)
-    extent = (t.max(), t.min(), gates.shape[0] - 0.5, -0.5) if len(t) > 1 else None
-    im = ax.imshow(gates, aspect="auto", cmap="viridis", vmin=0, vmax=1, extent=extent,
-                   interpolation="nearest")
+    extent = (t.max(), t.min(), active.shape[0] - 0.5, -0.5) if len(t) > 1 else None
+    # Whole heads / groups switch: units + 1 discrete levels, one colour each.
+    levels = BoundaryNorm(np.arange(-0.5, units + 1), units + 1)
+    im = ax.imshow(active, aspect="auto", cmap=plt.get_cmap("viridis", units + 1), norm=levels,
+                   extent=extent, interpolation="nearest")
     ax.invert_xaxis()  # t from 0 (left) to 999 (right), like the loss curves
-    ax.set_yticks(range(gates.shape[0]))
+    ax.set_yticks(range(active.shape[0]))
     if step is not None:
         ax.axvline(trace.timesteps[step], color="white", lw=1.5, ls="--")
     ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
     ax.set_ylabel("block", fontsize=LABEL_SIZE)
     unit = "attention heads" if kind == "heads" else "MLP channel groups"
-    ax.set_title(f"{trace.name}: active {unit}", fontsize=TITLE_SIZE)
-    fig.colorbar(im, ax=ax, label="share active")
+    ax.set_title(f"{display_name(trace.name)}: active {unit}", fontsize=TITLE_SIZE)
+    fig.colorbar(im, ax=ax, label=f"active (of {units})", ticks=range(0, units + 1, max(1, units // 8)))
     _style(ax)
     return fig
 
@@ -64,17 +68,18 @@ def plot_token_keep(trace: RoutingTrace, highlight_layer: int | None = None,
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
     ax.set_ylabel("tokens kept (share)", fontsize=LABEL_SIZE)
-    ax.set_title(f"{trace.name}: SDT keep-rate per block", fontsize=TITLE_SIZE)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.set_title(f"{display_name(trace.name)}: SDT keep-rate per block", fontsize=TITLE_SIZE)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     _style(ax)
     return fig
 
 
 def plot_token_map(trace: RoutingTrace, step: int = 0, sample: int = 0, layer: int = 0,
                    ax: Axes | None = None) -> Figure:
-    """The noisy input x_t of one sample with the tokens SDT dropped in one block shaded."""
+    """The final sample (the digit being generated) with the tokens SDT dropped in one block at
+    one step shaded: which parts of the image skip the MLP (x_t itself is mostly noise)."""
     fig, ax = _axes(ax, figsize=(4, 4))
-    ax.imshow(_image_array(trace.x_t[step, sample]), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(_image_array(trace.samples[sample]), cmap="gray", vmin=0, vmax=1)
     keep = trace.token_grid(step, sample, layer).float().numpy()
     p = trace.patch_size
     dropped = np.kron(1 - keep, np.ones((p, p)))
@@ -83,7 +88,7 @@ def plot_token_map(trace: RoutingTrace, step: int = 0, sample: int = 0, layer: i
     ax.imshow(overlay)
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title(f"t = {trace.timesteps[step]}, block {layer}: {int(keep.sum())}/{keep.size} "
-                 f"tokens kept\n(red: skips the MLP), digit {int(trace.labels[sample])}",
+                 f"tokens kept\n(red: skips the MLP; over the final digit {int(trace.labels[sample])})",
                  fontsize=TITLE_SIZE - 2)
     return fig
 
@@ -95,7 +100,7 @@ def plot_flops_per_step(traces: RoutingTrace | Sequence[RoutingTrace], ax: Axes 
     fig, ax = _axes(ax)
     for i, trace in enumerate(traces):
         ax.plot(trace.timesteps, trace.flops_fraction.numpy(), color=PALETTE[i % len(PALETTE)],
-                lw=2, label=f"{trace.name} (mean {trace.mean_flops_fraction:.3f})")
+                lw=2, label=f"{display_name(trace.name)} (mean {trace.mean_flops_fraction:.3f})")
     if step is not None:
         ax.axvline(traces[0].timesteps[step], color="grey", lw=1, ls="--")
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
@@ -118,7 +123,7 @@ def plot_router_dashboard(trace: RoutingTrace, step: int = 0, layer: int = 0, sa
     plot_token_keep(trace, highlight_layer=layer, ax=axes[0, 1], step=step)
     plot_token_map(trace, step, sample, layer, ax=axes[1, 0])
     plot_flops_per_step(trace, ax=axes[1, 1], step=step)
-    fig.suptitle(f"{trace.name} | step {step + 1}/{len(trace.timesteps)} (t = {trace.timesteps[step]})"
+    fig.suptitle(f"{display_name(trace.name)} | step {step + 1}/{len(trace.timesteps)} (t = {trace.timesteps[step]})"
                  f" | block {layer} | sample {sample}", fontsize=TITLE_SIZE + 1)
     return fig
 
@@ -129,13 +134,13 @@ def plot_width_curves(traces: Sequence[RoutingTrace], ax: Axes | None = None) ->
     for i, trace in enumerate(traces):
         color = PALETTE[i % len(PALETTE)]
         ax.plot(trace.timesteps, trace.heads.float().mean(dim=(1, 2, 3)).numpy(), color=color,
-                lw=2, label=f"{trace.name}: heads")
+                lw=2, label=f"{display_name(trace.name)}: heads")
         ax.plot(trace.timesteps, trace.groups.float().mean(dim=(1, 2, 3)).numpy(), color=color,
-                lw=2, ls="--", label=f"{trace.name}: MLP groups")
+                lw=2, ls="--", label=f"{display_name(trace.name)}: MLP groups")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
     ax.set_ylabel("active share (all blocks)", fontsize=LABEL_SIZE)
     ax.set_title("TDW width vs timestep", fontsize=TITLE_SIZE)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     _style(ax)
     return fig
