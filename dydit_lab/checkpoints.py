@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .models.configs import get_config
+from .models.configs import DIT_CONFIGS, get_config
 from .models.dit import DiT
 from .models.dydit import DyDiT, is_router_key
 from .models.flexidit import FLEX_PREFIX, FlexiDiT, flex_patches_in
@@ -97,6 +97,21 @@ def _arch_from_args(args: dict[str, Any]) -> str | None:
     return args.get("arch") or args.get("model")
 
 
+def official_arch(state: dict[str, torch.Tensor]) -> str | None:
+    """The official DiT preset (``DiT-XL/2`` ... ``DiT-S/8``) whose depth, width and patch size
+    a state dict has, or None. Released checkpoints are raw state dicts that record no arch;
+    the 12 presets differ in those three numbers, so the shapes name one (lab presets are
+    not matched: our own checkpoints record their arch)."""
+    w = state.get("x_embedder.proj.weight")
+    if w is None or w.ndim != 4:
+        return None
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for name, cfg in DIT_CONFIGS.items():
+        if "lab" not in name and (cfg.depth, cfg.hidden_size, cfg.patch_size) == (depth, w.shape[0], w.shape[2]):
+            return name
+    return None
+
+
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:
     """Raise one :class:`CheckpointError` naming every missing, unexpected or mis-shaped key."""
     expected = model.state_dict()
@@ -156,7 +171,8 @@ def load_model(path_or_state_dict, arch: str | None = None, input_size: int | No
     ``path_or_state_dict``: a path or an already loaded object; either a raw state dict
     (like the official ``DiT-XL-2-256x256.pt``) or a training checkpoint
     ``{"model", "ema", "opt", "args"}`` (its ``ema`` weights are used). ``arch`` defaults to
-    the one recorded in the checkpoint's args; the other options, when not given, come from
+    the one recorded in the checkpoint's args, else the official preset its shapes fit
+    (:func:`official_arch`); the other options, when not given, come from
     the recorded config or are read off the weights' shapes. A DyDiT's routers may follow
     either official release (:func:`router_release`).
     """
@@ -165,9 +181,10 @@ def load_model(path_or_state_dict, arch: str | None = None, input_size: int | No
     if checkpoint_kind(state) == "flexidit":
         return load_flexidit(obj, arch=arch, device=device, input_size=input_size,
                              in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma)
-    arch = arch or _arch_from_args(args)
+    arch = arch or _arch_from_args(args) or official_arch(state)
     if arch is None:
-        raise CheckpointError("the checkpoint records no architecture: pass arch=, e.g. 'DiT-XL/2'")
+        raise CheckpointError("the checkpoint records no architecture and its shapes fit no official DiT: "
+                              "pass arch=, e.g. 'DiT-XL/2'")
     options = infer_options(state)
     options.pop("patch_size", None)  # fixed by the arch; a mismatch is reported as a shape error
     recorded = args.get("model_config") or {}

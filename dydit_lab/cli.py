@@ -20,6 +20,8 @@ from .evaluation.strategies import compare_strategies
 from .flops import schedule_flops
 from .models.configs import get_config
 from .models.dydit import DyDiT, sampling_flops
+from .official.latents import extract_latents
+from .official.sample import sample_to_files
 from .paths import BENCH_DIR, CHECKPOINT_DIR, DEFAULT_CLASSIFIER, FIGURES_DIR, RESULTS_CSV, resolve_device
 from .sweep import read_spec, run_spec
 from .training.dydit import FinetuneConfig, finetune
@@ -57,10 +59,14 @@ def _dataclass_from(args: argparse.Namespace, cls):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def cmd_train(args):
-    path = train(_dataclass_from(args, TrainConfig))
+def _print_checkpoint(path) -> None:
+    """The run's checkpoint path, said once: by rank 0 under torchrun."""
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {path}")
+
+
+def cmd_train(args):
+    _print_checkpoint(train(_dataclass_from(args, TrainConfig)))
 
 
 def cmd_train_classifier(args):
@@ -98,7 +104,7 @@ def cmd_compare(args):
 
 
 def cmd_finetune(args):
-    print(f"checkpoint: {finetune(_dataclass_from(args, FinetuneConfig))}")
+    _print_checkpoint(finetune(_dataclass_from(args, FinetuneConfig)))
 
 
 def cmd_flops(args):
@@ -151,7 +157,7 @@ def cmd_sweep(args):
 
 
 def cmd_flexi_finetune(args):
-    print(f"checkpoint: {flexi_finetune(_dataclass_from(args, FlexiFinetuneConfig))}")
+    _print_checkpoint(flexi_finetune(_dataclass_from(args, FlexiFinetuneConfig)))
 
 
 def cmd_flexi_flops(args):
@@ -168,6 +174,31 @@ def cmd_flexi_flops(args):
     for r in rows:
         print(f"{r['coarse_steps']:>5} / {r['total_steps']:<4} {r['gflops_per_image_step']:>12.6f} "
               f"{r['total_gflops']:>13.6f} {r['flops_fraction']:>9.4f}")
+
+
+def cmd_sample(args):
+    summary = sample_to_files(args.checkpoint, args.out, arch=args.arch, vae=args.vae, classes=args.classes,
+                              num_samples=args.num_samples, steps=args.steps, method=args.method,
+                              cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
+                              device=args.device, out_dir=args.out_dir, npz=args.npz, progress=not args.json)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"{summary['num_samples']} images of {summary['model']} {summary['arch']} on {summary['processes']} "
+          f"process(es): grid {summary['out']}" + "".join(f", {k} {summary[k]}" for k in ("out_dir", "npz")
+                                                         if k in summary))
+    print(f"FLOPs fraction (measured, of the static DiT): {summary['flops_fraction']:.4f}")
+    print(f"seconds per image: {summary['seconds_per_image']:.4g}")
+
+
+def cmd_extract_latents(args):
+    manifest = extract_latents(args.images, args.vae, args.out, image_size=args.image_size,
+                               batch_size=args.batch_size, device=args.device, seed=args.seed)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{manifest['num_latents']} latents {tuple(manifest['shape'])} of {len(manifest['classes'])} "
+              f"classes in {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +313,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=None, help="(default: the preset's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flexi_flops)
+    p = sub.add_parser("sample", help="sample a checkpoint to a PNG grid (and single PNGs, ADM's .npz): lab "
+                       "models in pixel space, released latent models through a VAE folder; torchrun shards")
+    p.add_argument("--checkpoint", required=True, help="ours, or a released DiT / DyDiT (either DyDiT release)")
+    p.add_argument("--arch", help="the architecture (default: recorded, or the official preset the weights fit)")
+    p.add_argument("--vae", help="a local diffusers AutoencoderKL folder (needed by latent models, 4 channels)")
+    p.add_argument("--classes", help="comma-separated class labels, taken in turn (default: 0, 1, 2, ...)")
+    p.add_argument("--num-samples", type=int, help="(default: one per --classes entry, else min(classes, 16))")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--method", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=0, help="batch k draws its noise from seed + k")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (per process)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="the PNG grid (the first 64 images)")
+    p.add_argument("--out-dir", help="also write every image as DIR/000000.png, ...")
+    p.add_argument("--npz", help="ADM's .npz of every image (default under torchrun: --out with .npz)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("extract-latents", help="encode an image folder (one sub-folder per class) into VAE "
+                       "latents once, for train / finetune / flexi-finetune --data (torchrun shards)")
+    p.add_argument("--images", required=True, help="root/<class>/<image>; classes numbered in sorted order")
+    p.add_argument("--vae", required=True, help="a local diffusers AutoencoderKL folder")
+    p.add_argument("--out", required=True, help="the latent folder to write")
+    p.add_argument("--image-size", type=int, default=256, help="centre crop side in pixels (the model's image size)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seeds the posterior samples")
+    p.set_defaults(func=cmd_extract_latents)
     return parser
 
 

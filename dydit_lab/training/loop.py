@@ -30,7 +30,7 @@ class LoopConfig:
     """Options every training run has (each is a ``--flag`` of its command)."""
 
     out: str = "runs/run"  # run folder: checkpoint.pt, log.csv, config.txt
-    data: str = "mnist"  # mnist, or a folder of images with one sub-folder per class
+    data: str = "mnist"  # mnist, a folder of images with one sub-folder per class, or of latents (extract-latents)
     steps: int = 12000
     batch_size: int = 128  # global batch, split across DDP ranks
     lr: float = 1e-3  # AdamW peak lr, reached after the linear warm-up
