@@ -39,3 +39,18 @@ def latent_model(kind: str, seed: int = 0):
     if kind == "dydit-2024":
         set_router_release([r for b in model.blocks for r in (b.attn_rate, b.mlp_rate)], "2024")
     return mixed_routers(model, seed)
+
+
+def lab_latent_checkpoint(kind: str, path, seed: int = 0):
+    """A tiny latent model (DiT-lab-T widths, 4 channels, 8x8 latents) in our format (arch
+    recorded): the fast stand-in for a released file where the arch does not matter."""
+    config = get_config("DiT-lab-T", in_channels=4, input_size=8, num_classes=NUM_CLASSES, learn_sigma=True)
+    model = randomise(DyDiT(config, arch="DiT-lab-T") if kind.startswith("dydit") else
+                      create_model("DiT-lab-T", **{k: getattr(config, k) for k in
+                                                   ("in_channels", "input_size", "num_classes", "learn_sigma")}), seed)
+    if kind == "dydit-2024":
+        set_router_release([r for b in model.blocks for r in (b.attn_rate, b.mlp_rate)], "2024")
+    if kind.startswith("dydit"):
+        mixed_routers(model, seed)
+    torch.save({"ema": model.state_dict(), "args": {"arch": "DiT-lab-T"}}, path)
+    return path
