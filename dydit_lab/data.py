@@ -92,6 +92,7 @@ def image_folder(root: str | Path, image_size: int = 32, channels: int = 1) -> T
 
 
 def is_latent_folder(path: str | Path) -> bool:
+    """A folder written by ``extract-latents`` (it holds the manifest)."""
     return (Path(path) / LATENT_MANIFEST).is_file()
 
 

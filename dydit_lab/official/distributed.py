@@ -25,6 +25,7 @@ def start(device: str | torch.device = "auto") -> tuple[int, int, torch.device]:
 
 
 def barrier(world: int) -> None:
+    """Wait for every rank (nothing to wait for when alone)."""
     if world > 1:
         dist.barrier()
 
@@ -37,6 +38,7 @@ def sum_across(tensor: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def finish(world: int) -> None:
+    """Leave the process group once every rank is done."""
     if world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -109,6 +109,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def as_pil(image: np.ndarray) -> Image.Image:
+    """An (H, W, C) uint8 image as PIL: grey for one channel, RGB for three."""
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 

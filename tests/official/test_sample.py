@@ -19,7 +19,7 @@ from dydit_lab.models.dydit import sampling_flops
 from dydit_lab.official.sample import sample_to_files
 from dydit_lab.official.vae import decode, load_vae
 
-from .files import NUM_CLASSES, mixed_routers, randomise
+from .files import mixed_routers, randomise
 
 ROOT = Path(__file__).resolve().parents[2]
 
