@@ -314,7 +314,7 @@ def _notebook_problems(page) -> list[str]:
         if mime == "application/vnd.jupyter.stderr" and re.search(r"Traceback|^\w*(Error|Exception)\b", text, re.M):
             problems.append(f"error output: {text[:1500]}")
         if mime != "application/vnd.jupyter.widget-view+json" and re.search(
-                r"^\s*(VBox|HBox|IntSlider|Dropdown|Output|Label)\(|<dydit_lab\.widgets\.\w+ object", text):
+                r"^\s*(VBox|HBox|IntSlider|Dropdown|Output|Label)\(|<dydit_lab\.(?:viz\.)?widgets\.\w+ object", text):
             problems.append(f"widget shown as text (not rendered): {text[:300]}")
     output_text = "\n".join(page.locator(
         ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea").all_inner_texts())

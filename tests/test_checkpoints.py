@@ -6,7 +6,12 @@ import pytest
 import torch
 
 import dydit_lab
-from dydit_lab.checkpoints import CheckpointError, export_checkpoint, read_checkpoint
+from dydit_lab.checkpoints import (CheckpointError, atomic_save, checkpoint_kind, export_checkpoint, load_flexidit,
+                                   read_checkpoint, save_training_checkpoint)
+from dydit_lab.models.dydit import DyDiT
+from dydit_lab.models.flexidit import FlexiDiT
+from dydit_lab.training.pretrain import TrainConfig
+from tests.helpers import inputs as _flexi_inputs
 
 
 def _randomised(arch="DiT-S/8", **kw):
@@ -96,8 +101,6 @@ def test_explicit_options_override_and_are_checked():
 
 
 def test_fp16_export(tmp_path):
-    from dydit_lab.training import TrainConfig, save_training_checkpoint
-
     model = _randomised("DiT-lab-T")
     opt = torch.optim.AdamW(model.parameters())
     save_training_checkpoint(tmp_path / "ckpt.pt", model, model, opt, TrainConfig(arch="DiT-lab-T"), 7)
@@ -111,8 +114,6 @@ def test_fp16_export(tmp_path):
 
 
 def test_export_online_weights(tmp_path):
-    from dydit_lab.training import TrainConfig, save_training_checkpoint
-
     model, ema = _randomised("DiT-lab-T"), _randomised("DiT-lab-T")
     save_training_checkpoint(tmp_path / "ckpt.pt", model, ema, torch.optim.AdamW(model.parameters()),
                              TrainConfig(arch="DiT-lab-T"), 3)
@@ -123,3 +124,48 @@ def test_export_online_weights(tmp_path):
     assert read_checkpoint(tmp_path / "online.pt")["args"]["weights"] == "model"
     with pytest.raises(ValueError, match="weights"):
         export_checkpoint(tmp_path / "ckpt.pt", tmp_path / "x.pt", weights="best")
+
+
+def test_load_flexidit_from_raw_state_dict_and_rejects_plain_dit(tiny, tmp_path):
+    flexi = FlexiDiT.from_dit(tiny, coarse_patch=[16, 4])
+    torch.save({"ema": flexi.state_dict(), "args": {"arch": "DiT-lab-T"}}, tmp_path / "f.pt")
+    loaded = load_flexidit(tmp_path / "f.pt")
+    assert loaded.coarse_patches == (4, 16)
+    x, t, y = _flexi_inputs(tiny)
+    with torch.no_grad():
+        for q in (4, 8, 16):
+            assert torch.allclose(loaded(x, t, y, patch_size=q), flexi.eval()(x, t, y, patch_size=q))
+    with pytest.raises(ValueError, match="not a FlexiDiT"):
+        load_flexidit({"ema": tiny.state_dict(), "args": {"arch": "DiT-lab-T"}})
+
+
+def test_load_model_returns_a_flexidit(tiny, tmp_path):
+    """dydit_lab.load_model hands FlexiDiT checkpoints (flex_* keys) to load_flexidit."""
+    flexi = FlexiDiT.from_dit(tiny)
+    torch.save({"ema": flexi.state_dict(), "args": {"arch": "DiT-lab-T"}}, tmp_path / "f.pt")
+    model = dydit_lab.load_model(tmp_path / "f.pt")
+    assert isinstance(model, FlexiDiT) and model.coarse_patches == (16,)
+
+
+def test_training_checkpoint_records_kind_arch_and_extras(tmp_path, tiny):
+    opt = torch.optim.AdamW(tiny.parameters())
+    save_training_checkpoint(tmp_path / "dit.pt", tiny, tiny, opt, TrainConfig(arch="DiT-lab-T", lr=3e-4), 4)
+    ckpt = read_checkpoint(tmp_path / "dit.pt")
+    assert set(ckpt) == {"model", "ema", "opt", "args", "step"} and ckpt["step"] == 4
+    args = ckpt["args"]
+    assert (args["arch"], args["kind"], args["lr"]) == ("DiT-lab-T", "dit", 3e-4)
+    assert args["model_config"]["patch_size"] == 8
+    flexi = FlexiDiT.from_dit(tiny)
+    save_training_checkpoint(tmp_path / "flexi.pt", flexi, flexi, torch.optim.AdamW(flexi.parameters()),
+                             TrainConfig(arch="DiT-lab-T"), 1, coarse_patches=[16], resize="bilinear")
+    args = read_checkpoint(tmp_path / "flexi.pt")["args"]
+    assert args["kind"] == "flexidit" and args["coarse_patches"] == [16]
+    assert checkpoint_kind(DyDiT.from_dit(tiny).state_dict()) == "dydit"
+    assert isinstance(dydit_lab.load_model(tmp_path / "flexi.pt"), FlexiDiT)
+
+
+def test_atomic_save_replaces_whole_files(tmp_path):
+    atomic_save({"a": torch.ones(2)}, tmp_path / "sub" / "x.pt")
+    atomic_save({"a": torch.zeros(2)}, tmp_path / "sub" / "x.pt")
+    assert torch.equal(torch.load(tmp_path / "sub" / "x.pt")["a"], torch.zeros(2))
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.pt"]

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import dydit_lab
-from dydit_lab.dydit import DyDiT
-from dydit_lab.flexidit import FlexiDiT
-from dydit_lab.results import read_results
-from dydit_lab.strategies import CHECKPOINT_DIR, RESULTS
+from dydit_lab.evaluation.results import read_results
+from dydit_lab.evaluation.strategies import RESULTS
+from dydit_lab.models.dydit import DyDiT
+from dydit_lab.models.flexidit import FlexiDiT
+from dydit_lab.paths import CHECKPOINT_DIR
 
 CHECKPOINTS = sorted(CHECKPOINT_DIR.glob("*.pt"))
 EXPECTED_CLASS = {"DiT": dydit_lab.DiT, "DyDiT": DyDiT, "FlexiDiT": FlexiDiT}

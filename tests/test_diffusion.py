@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dydit_lab
-from dydit_lab.diffusion import GaussianDiffusion, min_snr_weights, space_timesteps
+from dydit_lab.diffusion import GaussianDiffusion, guide_doubled_output, guided, min_snr_weights, space_timesteps
 
 
 class OracleEps(torch.nn.Module):
@@ -113,3 +113,32 @@ def test_eps_squared_error_is_per_pixel():
     assert torch.allclose(err, noise**2)
     mse = d.training_losses(model, x0, t, y, noise)["mse"]
     assert torch.allclose(mse.detach(), err.mean(dim=(1, 2, 3)))
+
+
+def test_guided_wraps_any_callable():
+    calls = []
+
+    def model(x, t, y):  # a plain function: eps = label value, so guidance is visible
+        calls.append(y.tolist())
+        return y.float().view(-1, 1, 1, 1).expand_as(x).clone()
+
+    x, t, y = torch.zeros(2, 1, 4, 4), torch.tensor([5, 5]), torch.tensor([3, 4])
+    assert guided(model, 1.0) is model  # no guidance: the model itself
+    out = guided(model, 2.0, null_label=10)(x, t, y)
+    assert calls == [[3, 4, 10, 10]]  # one forward: conditional half, then the null label
+    assert torch.allclose(out[:, 0, 0, 0], torch.tensor([10 + 2 * (3 - 10), 10 + 2 * (4 - 10)]).float())
+    with pytest.raises(ValueError, match="null_label"):
+        guided(model, 2.0)  # a function has no num_classes
+
+
+def test_guided_equals_the_official_doubled_batch():
+    model = dydit_lab.create_model("DiT-lab-T").eval()
+    for prm in model.parameters():
+        prm.data.normal_(0, 0.05)
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([10, 700]), torch.tensor([4, 7])
+    with torch.no_grad():
+        out = guided(model, 3.0)(x, t, y)  # null label: model.num_classes
+        doubled = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]))
+        assert torch.allclose(out, guide_doubled_output(doubled, 1, 3.0)[:2])
+        assert torch.allclose(out, model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]),
+                                                          torch.cat([y, torch.full_like(y, 10)]), 3.0)[:2])

@@ -1,22 +1,24 @@
-"""FLOPs (MACs): published DiT figures, analytic == fvcore on every preset, DyDiT accounting, CLI."""
+"""FLOPs (MACs): published DiT figures, analytic == fvcore on every preset, DyDiT accounting,
+FlexiDiT schedules."""
 
 import functools
-import json
 
 import pytest
 import torch
 
-from dydit_lab.cli import main
+from dydit_lab.evaluation.report import count_flops_report
 from dydit_lab.flops import (
     analytic_flops,
     block_flops,
-    count_flops_report,
+    dydit_flops_bounds,
     dynamic_block_flops,
     dynamic_flops_fraction,
     dynamic_model_flops,
     fvcore_flops,
+    schedule_flops,
 )
 from dydit_lab.models import DIT_CONFIGS, DiTConfig, create_model, get_config
+from tests.helpers import lab_t_macs
 
 # Published static GFLOPs at 256 px (latent 32x32), one sample (DiT paper, DyDiT paper).
 PUBLISHED_GFLOPS = {"DiT-S/2": 6.07, "DiT-B/2": 23.02, "DiT-L/2": 80.75, "DiT-XL/2": 118.69, "DiT-XL/8": 7.40}
@@ -148,29 +150,6 @@ def test_dynamic_model_flops_and_fraction():
         dynamic_model_flops(TINY, full[:1])
 
 
-def test_cli_flops_json(capsys):
-    main(["flops", "--arch", "DiT-S/2", "--input-size", "32", "--json"])
-    r = json.loads(capsys.readouterr().out)
-    for key in ("arch", "input_size", "gflops", "gflops_fvcore_naive", "params_m", "tokens",
-                "gflops_qkv", "gflops_attn_matmul", "gflops_mlp_fc1"):
-        assert key in r
-    assert r["arch"] == "DiT-S/2" and r["tokens"] == 256
-    assert r["gflops"] == pytest.approx(6.07, rel=1e-3)
-    assert r["gflops_fvcore"] == r["gflops"]
-    main(["flops", "--arch", "DiT-lab-T"])
-    assert "gflops:" in capsys.readouterr().out
-
-
-def test_cli_flops_errors(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["flops", "--arch", "DiT-XXL/2"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "DiT-XXL/2" in err and "DiT-XL/2" in err and "DiT-lab-S" in err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["flops", "--arch", "DiT-S/8", "--input-size", "30"])
-    assert exit_info.value.code == 2
-    assert "not divisible" in capsys.readouterr().err
 
 
 def test_report_rejects_non_positive_input_size():
@@ -182,3 +161,26 @@ def test_report_at_other_input_size():
     r = count_flops_report("DiT-lab-T", input_size=16)
     assert r["tokens"] == 4 and r["macs"] == analytic_flops(get_config("DiT-lab-T", input_size=16))["total"]
     assert torch.get_default_device().type == "cpu"  # the meta-device build leaves no trace
+
+
+def test_schedule_flops_hand_count():
+    native, coarse = lab_t_macs(16, 8), lab_t_macs(4, 16)
+    report = schedule_flops("DiT-lab-T", 16, 3, 10)
+    assert report["native_macs"] == native and report["coarse_macs"] == coarse
+    assert report["total_macs"] == 3 * coarse + 7 * native
+    assert report["gflops_per_image_step"] == pytest.approx((3 * coarse + 7 * native) / 10 / 1e9)
+    assert report["flops_fraction"] == pytest.approx((3 * coarse + 7 * native) / (10 * native))
+    assert schedule_flops("DiT-lab-T", None, 0, 10)["flops_fraction"] == 1.0
+    assert schedule_flops("DiT-lab-T", None, 10, 10)["flops_fraction"] == pytest.approx(coarse / native)
+    with pytest.raises(ValueError):
+        schedule_flops("DiT-lab-T", 16, 11, 10)
+
+
+def test_dydit_flops_bounds_by_hand():
+    cfg = get_config("DiT-lab-T")  # 16 tokens, 4 heads
+    total = analytic_flops(cfg)["total"]
+    floor, full = dydit_flops_bounds(cfg)
+    assert floor == dynamic_model_flops(cfg, [(1, 1, 0)] * 2) / total
+    assert full == dynamic_model_flops(cfg, [(4, 4, 16)] * 2) / total
+    routers = 2 * sum(v for k, v in dynamic_block_flops(cfg, 16, 4, 4, 16).items() if k.endswith("router"))
+    assert full == pytest.approx(1 + routers / total) and 0 < floor < 0.5

@@ -34,5 +34,5 @@ def test_ci_runs_the_readme_test_command():
 def test_no_torchvision_or_timm():
     text = (ROOT / "pyproject.toml").read_text() + (ROOT / "environment.yml").read_text()
     assert "torchvision" not in text and "timm" not in text
-    for path in (ROOT / "dydit_lab").glob("*.py"):
+    for path in (ROOT / "dydit_lab").rglob("*.py"):  # every subpackage too
         assert not re.search(r"^\s*(import|from) (torchvision|timm)\b", path.read_text(), re.M), path

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import dydit_lab
-from dydit_lab import figures
-from dydit_lab.analysis import trace_sampling
-from dydit_lab.dydit import DyDiT
-from dydit_lab.training import TrainConfig, save_training_checkpoint
+from dydit_lab.analysis.routing import trace_sampling
+from dydit_lab.checkpoints import save_training_checkpoint
+from dydit_lab.models.configs import get_config
+from dydit_lab.models.dydit import DyDiT
+from dydit_lab.training.pretrain import TrainConfig
+from dydit_lab.viz import figures
 
 
 def _bench_row(ratio, speedup, batch=2, device="cpu"):
@@ -22,7 +24,7 @@ def test_speedup_figure_reads_json_and_csv(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(_bench_row(0.5, 1.9)))
     import pandas as pd
     pd.DataFrame([_bench_row(0.7, 1.3, b) for b in (1, 2, 4)]).to_csv(tmp_path / "sweep.csv", index=False)
-    fig, table = figures.speedup_figure(tmp_path)
+    fig, table = figures.speedup_figure(figures.load_bench(tmp_path))
     assert len(table) == 4 and len(fig.axes) == 2
     assert fig.axes[0].get_xlabel().startswith("FLOPs fraction")
     with pytest.raises(FileNotFoundError, match="bench"):
@@ -39,7 +41,7 @@ def test_quality_vs_flops_figure(tmp_path):
 
 def test_router_schedules_figure_from_traces():
     torch.manual_seed(0)
-    model = DyDiT(dydit_lab.models.get_config("DiT-lab-T"))
+    model = DyDiT(get_config("DiT-lab-T"))
     for p in model.parameters():
         p.data.normal_(0, 0.1)
     traces = {"a": trace_sampling(model.eval(), [1, 2], steps=4, progress=False, name="a")}
@@ -59,3 +61,17 @@ def test_build_figures_skips_missing_checkpoints_and_writes_the_rest(tmp_path, m
     assert done["samples_DiT-lab-L"].startswith("skipped: missing") and "train" in done["samples_DiT-lab-L"]
     with pytest.raises(ValueError, match="unknown figure"):
         figures.build_figures(tmp_path / "out", only=["nope"])
+
+
+def test_strategy_samples_figure(strategy_checkpoints, monkeypatch):
+    monkeypatch.setattr(figures, "CHECKPOINT_DIR", strategy_checkpoints)
+    fig = figures.strategy_samples_figure(["static: 10 steps", "FlexiDiT: k = 24 of 50 coarse"], num=10)
+    assert [ax.get_title() for ax in fig.axes] == ["static: 10 steps", "FlexiDiT: k = 24 of 50 coarse"]
+
+
+def test_flops_tables():
+    table = figures.flops_table().set_index("arch")
+    assert table.loc["DiT-XL/2", "gflops"] == 118.6887  # the DiT paper's 118.6 GFLOPs
+    assert table.loc["DiT-lab-L", "gflops"] / table.loc["DiT-lab-S", "gflops"] > 5
+    flexi = figures.flexidit_schedule_table()
+    assert flexi["flops_fraction"].iloc[0] == 1 and flexi["flops_fraction"].is_monotonic_decreasing

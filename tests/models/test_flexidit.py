@@ -1,8 +1,4 @@
-"""FlexiDiT: native path = parent, PI-resize initialisation, patch schedules, FLOPs, fine-tuning."""
-
-import csv
-import json
-import math
+"""FlexiDiT, the model: native path = parent, PI-resize initialisation, patch schedules, cost."""
 
 import numpy as np
 import pytest
@@ -10,41 +6,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dydit_lab
-from dydit_lab.cli import main
 from dydit_lab.diffusion import GaussianDiffusion, space_timesteps
-from dydit_lab.flexidit import (
-    FlexiDiT, FlexiFinetuneConfig, PatchSchedule, coarse_pos_embed, flexi_finetune, load_flexidit,
-    pi_resize_kernel, resize_matrix, schedule_flops, scheduled_model, sincos_pos_embed_at,
-)
-from dydit_lab.models import DiT, get_2d_sincos_pos_embed, get_config
-from dydit_lab.training import TrainConfig, save_training_checkpoint
-
-
-def _randomised(model):
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.05)
-    return model.eval()
-
-
-def _inputs(model, n=3, size=None):
-    size = size or model.config.input_size
-    x = torch.randn(n, model.in_channels, size, size)
-    t = torch.tensor([999, 500, 3, 250][:n])
-    y = torch.arange(n) % model.num_classes
-    return x, t, y
-
-
-@pytest.fixture
-def tiny():
-    return _randomised(dydit_lab.create_model("DiT-lab-T"))  # patch 8 on 32x32: coarse 16
-
-
-@pytest.fixture
-def small_sigma():
-    # learn_sigma (2C outputs) and 4 channels, patch 2 on 8x8: coarse 4
-    return _randomised(dydit_lab.create_model("DiT-S/2", input_size=8, num_classes=10))
+from dydit_lab.flops import fvcore_flops, schedule_flops
+from dydit_lab.models.configs import get_config
+from dydit_lab.models.dit import DiT, get_2d_sincos_pos_embed
+from dydit_lab.models.dydit import DyDiT
+from dydit_lab.models.flexidit import (FlexiDiT, PatchSchedule, coarse_pos_embed, flex_patches_in,
+                                       pi_resize_kernel, resize_matrix, resize_output_linear,
+                                       scheduled_model, sincos_pos_embed_at)
+from tests.helpers import inputs as _inputs
 
 
 # ---------------------------------------------------------------------------
@@ -98,8 +68,6 @@ def test_constructor_validates_patches(tiny):
     with pytest.raises(ValueError, match="tile"):
         FlexiDiT(tiny.config, coarse_patches=12)
     assert FlexiDiT(tiny.config, coarse_patches=[16, 4]).patch_sizes == (8, 16, 4)
-    from dydit_lab.dydit import DyDiT
-
     dydit = DyDiT.from_dit(tiny)
     with pytest.raises(TypeError):
         FlexiDiT.from_dit(dydit)
@@ -237,51 +205,16 @@ def test_schedule_extremes_and_mixed_batches(tiny):
         PatchSchedule(tiny, 1, 10)
 
 
-def test_schedule_works_with_generate(tiny):
-    from dydit_lab.evaluation import generate
-
-    sched = scheduled_model(FlexiDiT.from_dit(tiny), coarse_steps=2, total_steps=4)
-    samples, labels = generate(sched, 3, steps=4, batch_size=3, progress=False)
-    assert samples.shape == (3, 1, 32, 32) and torch.isfinite(samples).all()
-    assert [p for _, p in sched.calls] == [16, 16, 8, 8]
-
 
 # ---------------------------------------------------------------------------
 # FLOPs
 # ---------------------------------------------------------------------------
 
 
-def _hand_macs(tokens: int, patch: int) -> int:
-    """DiT-lab-T (depth 2, D 32, 1 channel, 32x32, MLP 128, 256 frequencies), one forward."""
-    D, depth = 32, 2
-    return (tokens * D * patch * patch  # patch embedding conv
-            + 256 * D + D * D  # timestep MLP
-            + depth * 6 * D * D  # adaLN
-            + (2 * depth + 1) * tokens * D * 4  # LayerNorms
-            + depth * (tokens * D * 3 * D + 2 * tokens * tokens * D + tokens * D * D)  # attention
-            + depth * 2 * tokens * D * 128  # MLP
-            + 2 * D * D  # final adaLN
-            + tokens * D * patch * patch  # final linear (1 output channel)
-            + 32 * 32 // 2)  # unpatchify einsum charge
-
-
-def test_schedule_flops_hand_count():
-    native, coarse = _hand_macs(16, 8), _hand_macs(4, 16)
-    report = schedule_flops("DiT-lab-T", 16, 3, 10)
-    assert report["native_macs"] == native and report["coarse_macs"] == coarse
-    assert report["total_macs"] == 3 * coarse + 7 * native
-    assert report["gflops_per_image_step"] == pytest.approx((3 * coarse + 7 * native) / 10 / 1e9)
-    assert report["flops_fraction"] == pytest.approx((3 * coarse + 7 * native) / (10 * native))
-    assert schedule_flops("DiT-lab-T", None, 0, 10)["flops_fraction"] == 1.0
-    assert schedule_flops("DiT-lab-T", None, 10, 10)["flops_fraction"] == pytest.approx(coarse / native)
-    with pytest.raises(ValueError):
-        schedule_flops("DiT-lab-T", 16, 11, 10)
 
 
 def test_coarse_forward_cost_matches_fvcore(tiny):
     """An independent count: fvcore traces the coarse forward itself."""
-    from dydit_lab.flops import fvcore_flops
-
     class Coarse(nn.Module):
         def __init__(self, model):
             super().__init__()
@@ -296,114 +229,22 @@ def test_coarse_forward_cost_matches_fvcore(tiny):
     assert fvcore_flops(flexi) == schedule_flops("DiT-lab-T", 16, 0, 1)["native_macs"]
 
 
-def test_flexi_flops_cli_json(capsys):
-    main(["flexi-flops", "--arch", "DiT-lab-T", "--steps", "10", "--coarse-steps", "0,5,10", "--json"])
-    report = json.loads(capsys.readouterr().out)
-    fractions = [r["flops_fraction"] for r in report["schedules"]]
-    native, coarse = _hand_macs(16, 8), _hand_macs(4, 16)
-    assert fractions == pytest.approx([1.0, (native + coarse) / (2 * native), coarse / native])
-    assert report["schedules"][1]["coarse_patch"] == 16
-    main(["flexi-flops", "--arch", "DiT-lab-L", "--coarse-steps", "0,25"])
-    assert "0.6217" in capsys.readouterr().out  # 25 of 50 steps at patch 8
-
-
-# ---------------------------------------------------------------------------
-# Fine-tuning and loading
-# ---------------------------------------------------------------------------
-
-
-def test_finetune_timesteps():
-    from dydit_lab.flexidit import _timesteps
-
-    gen = torch.Generator().manual_seed(0)
-    t = _timesteps(FlexiFinetuneConfig(), 64, 0, gen)
-    assert torch.bincount(t // 250, minlength=4).tolist() == [16] * 4
-    t = _timesteps(FlexiFinetuneConfig(), 64, 600, gen)
-    assert torch.bincount((t - 600) // 100, minlength=4).tolist() == [16] * 4
-    t = _timesteps(FlexiFinetuneConfig(uniform_timesteps=True), 500, 600, gen)
-    assert t.min() >= 600 and t.max() < 1000 and len(t.unique()) > 100
-
-
-@pytest.fixture
-def parent(tmp_path, tiny):
-    opt = torch.optim.AdamW(tiny.parameters())
-    path = tmp_path / "parent.pt"
-    save_training_checkpoint(path, tiny, tiny, opt, TrainConfig(arch="DiT-lab-T"), 10)
-    return path
-
-
-def _rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def test_flexi_finetune_smoke_reload_and_resume(parent, tmp_path):
-    cfg = FlexiFinetuneConfig(parent=str(parent), out=str(tmp_path / "ft"), steps=6, batch_size=4,
-                              p_coarse=0.5, device="cpu", seed=1)
-    path = flexi_finetune(cfg)
-    rows = _rows(tmp_path / "ft" / "log.csv")
-    assert len(rows) == 6 and {r["patch"] for r in rows} <= {"8", "16"}
-    assert all(math.isfinite(float(r["loss"])) for r in rows)
-    model = load_flexidit(path)
-    assert isinstance(model, FlexiDiT) and model.coarse_patches == (16,) and not model.training
-    ckpt = torch.load(path, weights_only=True)
-    assert ckpt["args"]["kind"] == "flexidit" and ckpt["step"] == 6
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["ema"].items())
-    x, t, y = _inputs(model)
-    with torch.no_grad():
-        assert torch.isfinite(model(x, t, y, patch_size=16)).all()
-    with pytest.raises(FileExistsError):
-        flexi_finetune(cfg)
-    flexi_finetune(FlexiFinetuneConfig(**{**cfg.__dict__, "steps": 8, "resume": True}))
-    assert len(_rows(tmp_path / "ft" / "log.csv")) == 8
-    assert torch.load(path, weights_only=True)["step"] == 8
-
-
-def test_flexi_finetune_new_layers_only_with_distillation(parent, tmp_path):
-    cfg = FlexiFinetuneConfig(parent=str(parent), out=str(tmp_path / "new"), steps=3, batch_size=4,
-                              p_coarse=1.0, train="new", distill_weight=1.0, coarse_t_min=500,
-                              device="cpu")
-    ckpt = torch.load(flexi_finetune(cfg), weights_only=True)
-    before = torch.load(parent, weights_only=True)["model"]
-    after = ckpt["model"]
-    assert all(torch.equal(after[k], v) for k, v in before.items())  # transformer frozen
-    assert not torch.equal(after["flex_embedders.16.proj.weight"],
-                           FlexiDiT.from_dit(dydit_lab.load_model(parent)).state_dict()["flex_embedders.16.proj.weight"])
-    rows = _rows(tmp_path / "new" / "log.csv")
-    assert [r["patch"] for r in rows] == ["16"] * 3 and all(float(r["distill"]) > 0 for r in rows)
-
-
-def test_flexi_finetune_new_layers_only_trains_coarse_batches_only(parent, tmp_path):
-    # p_coarse < 1 with a frozen transformer: native batches would have nothing to train.
-    cfg = FlexiFinetuneConfig(parent=str(parent), out=str(tmp_path / "new"), steps=4, batch_size=2,
-                              p_coarse=0.5, train="new", device="cpu")
-    flexi_finetune(cfg)
-    assert [r["patch"] for r in _rows(tmp_path / "new" / "log.csv")] == ["16"] * 4
-
-
-def test_flexi_finetune_cli(parent, tmp_path, capsys):
-    main(["flexi-finetune", "--parent", str(parent), "--out", str(tmp_path / "cli"), "--steps", "2",
-          "--batch-size", "2", "--device", "cpu", "--p-coarse", "1.0"])
-    assert "checkpoint:" in capsys.readouterr().out
-    assert isinstance(load_flexidit(tmp_path / "cli" / "checkpoint.pt"), FlexiDiT)
-
-
-def test_load_flexidit_from_raw_state_dict_and_rejects_plain_dit(tiny, tmp_path):
-    flexi = FlexiDiT.from_dit(tiny, coarse_patch=[16, 4])
-    torch.save({"ema": flexi.state_dict(), "args": {"arch": "DiT-lab-T"}}, tmp_path / "f.pt")
-    loaded = load_flexidit(tmp_path / "f.pt")
-    assert loaded.coarse_patches == (4, 16)
-    x, t, y = _inputs(tiny)
-    with torch.no_grad():
-        for q in (4, 8, 16):
-            assert torch.allclose(loaded(x, t, y, patch_size=q), flexi.eval()(x, t, y, patch_size=q))
-    with pytest.raises(ValueError, match="not a FlexiDiT"):
-        load_flexidit({"ema": tiny.state_dict(), "args": {"arch": "DiT-lab-T"}})
-
-
-def test_load_model_returns_a_flexidit(tiny, tmp_path):
-    """dydit_lab.load_model hands FlexiDiT checkpoints (flex_* keys) to load_flexidit."""
+def test_sampling_cost_of_a_schedule_is_its_exact_mix(tiny):
     flexi = FlexiDiT.from_dit(tiny)
-    torch.save({"ema": flexi.state_dict(), "args": {"arch": "DiT-lab-T"}}, tmp_path / "f.pt")
-    model = dydit_lab.load_model(tmp_path / "f.pt")
-    assert isinstance(model, FlexiDiT) and model.coarse_patches == (16,)
+    native = schedule_flops("DiT-lab-T", 16, 0, 10)
+    assert flexi.sampling_cost(10) == {"gflops_per_step": native["native_gflops"], "flops_fraction": 1.0}
+    cost = scheduled_model(flexi, coarse_steps=3, total_steps=10).sampling_cost(10)
+    mix = schedule_flops("DiT-lab-T", 16, 3, 10)
+    assert cost == {"gflops_per_step": mix["gflops_per_image_step"], "flops_fraction": mix["flops_fraction"]}
+    assert cost["flops_fraction"] < 1
+
+
+def test_resized_output_linear_and_patch_keys(tiny):
+    w, b = tiny.final_layer.linear.weight, tiny.final_layer.linear.bias
+    new_w, new_b = resize_output_linear(w, b, 8, 16, tiny.out_channels)
+    assert new_w.shape == (16 * 16, 32) and new_b.shape == (16 * 16,)
+    same_w, same_b = resize_output_linear(w, b, 8, 8, tiny.out_channels)  # identity resize
+    assert torch.allclose(same_w, w, atol=1e-6) and torch.allclose(same_b, b, atol=1e-6)
+    assert flex_patches_in(FlexiDiT.from_dit(tiny, coarse_patch=[16, 4]).state_dict()) == [4, 16]
+    assert flex_patches_in(tiny.state_dict()) == []
+

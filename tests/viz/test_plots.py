@@ -12,8 +12,9 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from dydit_lab import create_model  # noqa: E402
-from dydit_lab.analysis import loss_gap, patch_loss_maps, per_timestep_loss  # noqa: E402
-from dydit_lab.plotting import (  # noqa: E402
+from dydit_lab.analysis.loss_gap import loss_gap, per_timestep_loss  # noqa: E402
+from dydit_lab.analysis.loss_maps import patch_loss_maps  # noqa: E402
+from dydit_lab.viz.plots import (  # noqa: E402
     plot_loss_curves,
     plot_loss_maps,
     plot_sample_grid,

@@ -1,0 +1,69 @@
+"""The speed benchmark's run (dydit_lab.bench.run): the result record, sweeps, argument checks.
+No timing asserts."""
+
+import json
+import math
+from datetime import datetime
+
+import pytest
+import torch
+
+from dydit_lab.bench import run as bench
+from dydit_lab.bench.setup import build_models
+from dydit_lab.paths import resolve_device
+from tests.helpers import BENCH_ARCH as ARCH, BENCH_BATCH as BATCH, BENCH_RESULT_KEYS as REQUIRED_KEYS
+from tests.helpers import BENCH_STEPS as STEPS
+
+
+@pytest.fixture(scope="module")
+def result(models):
+    return bench.run_benchmark(ARCH, target_ratio=0.5, batch_size=BATCH, steps=STEPS, repeats=1,
+                               device="cpu", models=models)
+
+
+def test_result_has_all_keys_and_sane_values(result):
+    assert REQUIRED_KEYS <= set(result)
+    json.loads(json.dumps(result))  # JSON-ready
+    assert result["arch"] == ARCH and result["device"] == "cpu"
+    assert (result["batch_size"], result["steps"], result["input_size"]) == (BATCH, STEPS, 32)
+    assert abs(result["flops_ratio"] - 0.5) <= 0.02
+    for key in ("static_seconds", "dynamic_seconds", "masked_seconds"):
+        assert result[key] > 0 and math.isfinite(result[key])
+    assert result["speedup"] == pytest.approx(result["static_seconds"] / result["dynamic_seconds"])
+    assert result["masked_speedup"] == pytest.approx(result["static_seconds"] / result["masked_seconds"])
+    assert result["ideal_speedup"] == pytest.approx(1 / result["flops_ratio"])
+    assert result["efficiency"] == pytest.approx(result["speedup"] / result["ideal_speedup"])
+    assert 0 < result["token_keep_rate"] < 1
+    assert 0 < result["head_fraction"] < 1 and 0 < result["group_fraction"] < 1
+    per_step = result["flops_ratio_per_step"]
+    assert len(per_step) == STEPS and sum(per_step) / STEPS == pytest.approx(result["flops_ratio"])
+    assert per_step == sorted(per_step)  # cheapest at the noisiest step (listed first)
+    assert result["routing_agree"] and result["max_abs_diff_sliced_masked"] < 1e-4
+    assert result["torch_version"] == torch.__version__ and result["num_threads"] >= 1
+    datetime.fromisoformat(result["timestamp"])
+
+
+def test_bad_arch_device_and_arguments_raise(models):
+    with pytest.raises(ValueError, match="unknown arch"):
+        bench.run_benchmark("DiT-XXL/2", device="cpu")
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_models("nope")
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run_benchmark(ARCH, repeats=0, device="cpu", models=models)
+    with pytest.raises(ValueError):
+        bench.parse_batch_list("1,x")
+    with pytest.raises(ValueError):
+        bench.parse_batch_list("0,2")
+    assert bench.parse_batch_list("1, 2,4") == [1, 2, 4]
+
+
+def test_sweep_rows_csv_and_name(models, tmp_path):
+    rows = bench.run_sweep(ARCH, [1, 2], target_ratio=0.6, steps=STEPS, repeats=1, device="cpu", verbose=False)
+    assert [r["batch_size"] for r in rows] == [1, 2] and REQUIRED_KEYS <= set(rows[0])
+    path = bench.write_csv(rows, tmp_path / "sweeps" / "s.csv")
+    text = path.read_text().splitlines()
+    assert len(text) == 3 and "batch_size" in text[0]
+    assert bench.sweep_name(ARCH, "cpu", 0.6) == "cpu_lab_t_r0.6_sweep"
+    assert bench.sweep_name("DiT-XL/2", "cuda", 0.5) == "cuda_xl2_r0.5_sweep"
