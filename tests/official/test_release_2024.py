@@ -172,3 +172,18 @@ def test_new_dydits_keep_the_2025_layout():
     assert all(r.always_on_first and r.router.out_features == 3 for r in width_routers(model))
     with pytest.raises(ValueError, match="unknown DyDiT release"):
         set_router_release(width_routers(model), "2023")
+
+
+@pytest.mark.cuda
+def test_release_2024_sliced_equals_masked_on_cuda(release_2024_file):
+    model = load_model(release_2024_file, arch=ARCH, device="cuda")
+    model.blocks[3].attn_rate.router.bias.data.fill_(-100.0)  # blocks with nothing on take the bias-only path
+    x = torch.randn(4, 4, 32, 32, device="cuda")
+    t, y = torch.tensor([999, 600, 250, 3], device="cuda"), torch.tensor([0, 3, 7, 10], device="cuda")
+    with torch.no_grad():
+        model.execution = "masked"
+        masked, r_masked = model(x, t, y, return_routing=True)
+        model.execution = "sliced"
+        sliced, r_sliced = model(x, t, y, return_routing=True)
+    assert rel_err(sliced, masked) < 1e-4 and torch.equal(r_sliced.heads, r_masked.heads)
+    assert not r_sliced.heads[:, 3].any()
