@@ -11,6 +11,7 @@ import re
 import sys
 
 from .bench.run import parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
+from .caching.commands import add_commands as add_caching_commands
 from .checkpoints import export_checkpoint, load_model
 from .data import mnist_split
 from .evaluation.metrics import SampleEvaluator, load_classifier, train_classifier
@@ -88,7 +89,7 @@ def cmd_evaluate(args):
                                       method=args.method, cfg_scale=args.cfg_scale, seed=args.seed,
                                       coarse_steps=args.coarse_steps, complete_model=args.complete_model,
                                       complete_from_t=args.complete_from_t, evaluator=evaluator,
-                                      device=device, bootstrap=args.bootstrap)
+                                      device=device, bootstrap=args.bootstrap, cache=args.cache)
     print(json.dumps(metrics))
     if args.results:
         record_result(args.results, {**metrics, "name": args.name or args.checkpoint})
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--complete-from-t", type=int, default=0,
                    help="with --complete-model: gates on only at timesteps >= T, routed below "
                         "(which noise levels the routing's quality cost comes from)")
+    p.add_argument("--cache", help="feature-caching policy, e.g. fora:2, teacache:0.1,coef=FILE, "
+                   "toca:0.3,interval=3 (dydit_lab.caching.spec)")
     p.add_argument("--bootstrap", type=int, default=500,
                    help="bootstrap rounds for 95%% intervals of FD-LeNet and accuracy (0: none)")
     p.add_argument("--device", default="auto")
@@ -258,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=str(RESULTS_CSV))
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_compare)
+
+    add_caching_commands(sub)  # calibrate-teacache, train-cache-router
 
     p = sub.add_parser("finetune", help="FLOPs-constrained fine-tuning of a DiT into a DyDiT")
     _add_dataclass_flags(p, FinetuneConfig)

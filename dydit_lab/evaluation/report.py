@@ -20,22 +20,23 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
                         method: str = "ddim", cfg_scale: float = 1.0, seed: int = 0,
                         coarse_steps: int | None = None, complete_model: bool = False,
                         evaluator: SampleEvaluator | None = None, device="cpu", progress: bool = True,
-                        complete_from_t: int = 0, bootstrap: int = 0) -> dict:
+                        complete_from_t: int = 0, bootstrap: int = 0, cache: str | None = None) -> dict:
     """Sample from a checkpoint (DiT, DyDiT or FlexiDiT) and measure what it costs.
 
     Returns the quality metrics (``accuracy``, ``fd_lenet``), the compute
     (the model's own ``sampling_cost``, and ``gflops_per_image`` = per step x steps) and the measured sampling
     wall-clock ``seconds_per_image`` (generation only, at the evaluator's batch size, with the
-    current torch thread count in ``threads``). ``coarse_steps``, ``complete_model`` and
-    ``complete_from_t``: see :func:`sampling_model`. ``seed`` (the sampling seed) and the
-    checkpoint's training seed (``train_seed``) are recorded; ``bootstrap`` > 0 adds 95 %
-    intervals of both metrics over the samples.
+    current torch thread count in ``threads``). ``coarse_steps``, ``complete_model``,
+    ``complete_from_t`` and ``cache`` (a feature-caching spec, recorded): see
+    :func:`sampling_model`. ``seed`` (the sampling seed) and the checkpoint's training seed
+    (``train_seed``) are recorded; ``bootstrap`` > 0 adds 95 % intervals of both metrics over
+    the samples.
     """
     device = torch.device(device)
     evaluator = evaluator or SampleEvaluator.from_default(device=device)
     saved = read_checkpoint(checkpoint)
     model = sampling_model(checkpoint, steps, coarse_steps, complete_model, device, saved=saved,
-                           complete_from_t=complete_from_t)
+                           complete_from_t=complete_from_t, cache=cache)
     samples, labels, seconds = timed_generate(model, num_samples, steps=steps, method=method,
                                               cfg_scale=cfg_scale, seed=seed, device=device, progress=progress)
     cost = model.sampling_cost(steps, method, device)
@@ -44,7 +45,7 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
         "checkpoint": display_path(checkpoint), "train_steps": saved.get("step", recorded.get("step")),
         "train_seed": recorded.get("seed"), "seed": seed,
         "steps": steps, "method": method, "cfg_scale": cfg_scale, "num_samples": num_samples,
-        "coarse_steps": coarse_steps, **cost,
+        "coarse_steps": coarse_steps, **({"cache": cache} if cache else {}), **cost,
         # classifier-free guidance runs the conditional and unconditional halves each step
         "gflops_per_image": cost["gflops_per_step"] * steps * (1 if cfg_scale == 1 else 2),
         "seconds_per_image": seconds, "device": device.type,

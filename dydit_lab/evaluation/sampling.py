@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..caching import cached_model
 from ..checkpoints import load_model
 from ..diffusion import GaussianDiffusion
 from ..models.dydit import CompleteModel, DyDiT
@@ -46,14 +47,19 @@ def generate(model, num_samples: int, steps: int = 50, method: str = "ddim", cfg
 
 def sampling_model(checkpoint: str | Path, steps: int = 50, coarse_steps: int | None = None,
                    complete_model: bool = False, device="cpu", saved: dict | None = None,
-                   complete_from_t: int = 0):
+                   complete_from_t: int = 0, cache: str | None = None):
     """The model to sample a checkpoint with: as loaded, or a FlexiDiT whose first
     ``coarse_steps`` of ``steps`` run coarse, or a DyDiT with every gate on (at t >=
-    ``complete_from_t``, see :class:`CompleteModel`).
+    ``complete_from_t``, see :class:`CompleteModel`), or a DiT / DyDiT with the feature-caching
+    policy ``cache`` names (a spec, see :func:`dydit_lab.caching.parse_cache_spec`).
 
     ``saved``: the checkpoint already read from ``checkpoint``, so it is not read twice.
     """
     model = load_model(checkpoint if saved is None else saved, device=device)
+    if cache:
+        if coarse_steps is not None or complete_model:
+            raise ValueError("--cache cannot be combined with --coarse-steps or --complete-model")
+        return cached_model(model, cache)
     if coarse_steps is not None:
         if not isinstance(model, FlexiDiT):
             raise ValueError(f"--coarse-steps needs a FlexiDiT checkpoint; {checkpoint} holds a "

@@ -1,12 +1,15 @@
 """Ways to spend less compute per generated image, compared at equal footing (notebook 05).
 
-Three families share one large parent model, ``DiT-lab-L``:
+The families share one large parent model, ``DiT-lab-L``:
 
 - **static**: the parent itself, with fewer sampling steps;
 - **DyDiT**: the parent fine-tuned with timestep-wise width and token routers (one
   checkpoint per FLOPs target lambda);
 - **FlexiDiT**: the parent fine-tuned to also run at a coarse patch size, sampled with its
-  first k of S steps coarse.
+  first k of S steps coarse;
+- **caching**: the parent sampled with a training-free feature-caching policy
+  (:mod:`dydit_lab.caching`: FORA, FBCache, DBCache, TeaCache, ToCa, Learning-to-Cache), each
+  at a few settings; **DyDiT + caching**: DyDiT lambda = 0.5 with a caching policy on top.
 
 :func:`compare_strategies` evaluates each :class:`Strategy` with the same classifier, sample
 count and seeds, measures GFLOPs per image and CPU wall-clock, and upserts one row per
@@ -40,6 +43,7 @@ class Strategy:
     checkpoint: str  # file name under data/checkpoints/
     steps: int = 50
     coarse_steps: int | None = None  # FlexiDiT: first k of ``steps`` at the coarse patch
+    cache: str | None = None  # a feature-caching spec (dydit_lab.caching.parse_cache_spec)
 
     @property
     def name(self) -> str:
@@ -48,14 +52,34 @@ class Strategy:
     def model(self, checkpoint_dir: str | Path = CHECKPOINT_DIR, device="cpu"):
         """The model to sample this strategy with (see :func:`~dydit_lab.evaluation.sampling_model`)."""
         return sampling_model(Path(checkpoint_dir) / self.checkpoint, self.steps, self.coarse_steps,
-                              device=device)
+                              device=device, cache=self.cache)
 
+
+# The caching settings on the parent: 3-4 per policy, spanning from little reuse to much (the
+# thresholds are set per policy: their distances live on different scales; TeaCache's polynomial
+# maps to changes of the eps output, which move little per step). TeaCache's polynomial and
+# the L2C router were fitted on the parent by `calibrate-teacache` and `train-cache-router`
+# (files in data/caching/).
+TEACACHE = "teacache-DiT-lab-L.json"
+L2C_ROUTER = "l2c-DiT-lab-L-50.pt"
+CACHING = (
+    *((f"FORA N = {n}", f"fora:{n}") for n in (2, 3, 4)),
+    *((f"FBCache {r}", f"fbcache:{r}") for r in (0.05, 0.1, 0.2)),
+    *((f"DBCache F1B1 {r}", f"dbcache:{r},first=1,last=1") for r in (0.05, 0.1, 0.2)),
+    *((f"TeaCache {r}", f"teacache:{r},coef={TEACACHE}") for r in (0.003, 0.006, 0.01, 0.02)),
+    *((f"ToCa {f:.0%} every {n}", f"toca:{f},interval={n}") for f, n in ((0.3, 2), (0.3, 3), (0.1, 3), (0.1, 5))),
+    *((f"L2C {r}", f"l2c:{r},router={L2C_ROUTER}") for r in (0.1, 0.5, 0.9)),
+)
+# DyDiT with a caching policy on top (the policy that did best on the parent at equal FLOPs).
+DYDIT_CACHING = (("lambda = 0.5 + FORA N = 2", "fora:2"),)
 
 STRATEGIES: tuple[Strategy, ...] = (
     *(Strategy("static", f"{s} steps", "DiT-lab-L.pt", steps=s) for s in (10, 20, 30, 50)),
     *(Strategy("DyDiT", f"lambda = {lam}", f"DyDiT-lab-L-{lam}.pt") for lam in ("0.7", "0.5")),
     *(Strategy("FlexiDiT", f"k = {k} of 50 coarse", "FlexiDiT-lab-L.pt", coarse_steps=k)
       for k in (0, 12, 24, 36)),
+    *(Strategy("caching", setting, "DiT-lab-L.pt", cache=spec) for setting, spec in CACHING),
+    *(Strategy("DyDiT + caching", setting, "DyDiT-lab-L-0.5.pt", cache=spec) for setting, spec in DYDIT_CACHING),
 )
 
 
@@ -110,7 +134,7 @@ def compare_strategies(names: list[str] | None = None, num_samples: int = 1000, 
         for strategy in tqdm(chosen, desc="strategies", disable=not progress):
             metrics = evaluate_checkpoint(Path(checkpoint_dir) / strategy.checkpoint, num_samples=num_samples,
                                           steps=strategy.steps, seed=seed, coarse_steps=strategy.coarse_steps,
-                                          evaluator=evaluator, device=device, progress=False)
+                                          cache=strategy.cache, evaluator=evaluator, device=device, progress=False)
             rows.append({"name": strategy.name, "strategy": strategy.family, "setting": strategy.setting,
                          **metrics})
     else:

@@ -1,0 +1,117 @@
+"""ToCa (Zou et al. 2024, "Accelerating Diffusion Transformers with Token-wise Feature
+Caching", ICLR 2025), as its DiT version works: every ``interval``-th step runs in full and
+caches each block's attention and MLP outputs (before their adaLN gates) and its attention map;
+in between, each block reuses its attention output, and recomputes the MLP only for the
+``fraction`` of tokens that score highest. The score of a token: the attention it received at
+the last full step (L2-normalised over tokens), plus ``staleness_weight`` x (steps since it was
+last recomputed / interval), plus a bonus for the best token of each 2x2 patch neighbourhood
+(spreads the fresh tokens over the image). The current step's adaLN gates are applied to the
+cached outputs, so a cache step pays each block's adaLN, plus norm2 and the MLP on its fresh
+tokens (:func:`dydit_lab.flops.partial_block_flops`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import flops
+from ..models.dit import modulate
+from .policies import CachePolicy, _check
+
+STALENESS_WEIGHT = 0.25  # ToCa's default weight of the cache-frequency score
+NEIGHBOURHOOD_BONUS = 0.6  # ToCa's bonus for the best token of each 2x2 neighbourhood
+
+
+def attention_with_received(attn, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output of ``attn`` on ``h`` (after ``proj``), written out so that the map is
+    available, and the attention each token received (column sums of the head-averaged map).
+    Same MACs as the fused kernel: q k^T and map v."""
+    B, N, C = h.shape
+    q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    weights = torch.softmax(q @ k.transpose(-2, -1) * attn.head_dim ** -0.5, dim=-1)
+    out = attn.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+    return out, weights.mean(1).sum(1)
+
+
+def neighbourhood_bonus(score: torch.Tensor, bonus: float = NEIGHBOURHOOD_BONUS) -> torch.Tensor:
+    """``score`` (B, N) with the best token of every 2x2 neighbourhood of the token grid raised
+    by ``bonus`` x its score; unchanged when the grid does not split into 2x2 cells."""
+    B, N = score.shape
+    side = math.isqrt(N)
+    if side * side != N or side % 2:
+        return score
+    cells = score.view(B, side // 2, 2, side // 2, 2).permute(0, 1, 3, 2, 4).reshape(B, -1, 4)
+    best, where = cells.max(-1, keepdim=True)
+    cells = cells + torch.zeros_like(cells).scatter_(-1, where, best * bonus)
+    return cells.view(B, side // 2, side // 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(B, N)
+
+
+class ToCa(CachePolicy):
+    """Token-wise caching (see the module docstring): full steps every ``interval`` steps, the
+    MLP of the top ``fraction`` of tokens recomputed per block in between. ``interval`` 1 is
+    the plain model. Runs on a static DiT only."""
+
+    supports_dydit = False
+    why_not_dydit = ("ToCa recomputes a chosen set of tokens inside each block; a DyDiT's token "
+                     "router already chooses which tokens run its MLP")
+
+    def __init__(self, fraction: float, interval: int, staleness_weight: float = STALENESS_WEIGHT):
+        super().__init__()
+        self.fraction = _check("ToCa fraction", fraction, isinstance(fraction, (int, float))
+                               and not isinstance(fraction, bool) and 0 <= fraction <= 1, "in [0, 1]")
+        self.interval = _check("ToCa interval", interval, isinstance(interval, int) and not isinstance(interval, bool)
+                               and interval >= 1, "a positive integer")
+        self.staleness_weight = _check("ToCa staleness weight", staleness_weight,
+                                       isinstance(staleness_weight, (int, float)) and staleness_weight >= 0, ">= 0")
+        self.reset()
+
+    def __repr__(self) -> str:
+        return f"ToCa(fraction={self.fraction}, interval={self.interval})"
+
+    def reset(self) -> None:
+        super().reset()
+        self._cache: list[dict] = []
+
+    def run(self, executor, x, c, step):
+        if self.interval == 1:  # nothing is ever reused: the plain blocks, bit for bit
+            return executor.compute_blocks(range(executor.depth), x)
+        full = step.index % self.interval == 0 or len(self._cache) != executor.depth
+        if full:
+            self._cache = [{} for _ in range(executor.depth)]
+        for i, block in enumerate(executor.blocks):
+            x = self._full(executor, i, block, x, c) if full else self._partial(executor, i, block, x, c)
+        return x
+
+    def _full(self, executor, i, block, x, c):
+        cache, cfg = self._cache[i], executor.model.config
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+        attn, received = attention_with_received(block.attn, modulate(block.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * attn
+        mlp = block.mlp(modulate(block.norm2(x), shift_mlp, scale_mlp))
+        cache.update(attn=attn, mlp=mlp, received=F.normalize(received, dim=1),
+                     stale=torch.zeros(received.shape, device=x.device))
+        N = x.shape[1]
+        parts = flops.block_flops(cfg, N)
+        executor.charge_block(i, flops.partial_block_flops(cfg, True, N), parts["attn"] + parts["mlp"], N)
+        return x + gate_mlp.unsqueeze(1) * mlp
+
+    def _partial(self, executor, i, block, x, c):
+        cache, cfg = self._cache[i], executor.model.config
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * cache["attn"]
+        B, N, C = x.shape
+        fresh = int(self.fraction * N)
+        cache["stale"] += 1
+        if fresh:
+            score = neighbourhood_bonus(cache["received"] + self.staleness_weight * cache["stale"] / self.interval)
+            idx = score.topk(fresh, dim=1).indices  # (B, fresh)
+            rows = idx.unsqueeze(-1).expand(-1, -1, C)
+            h = modulate(block.norm2(x.gather(1, rows)), shift_mlp, scale_mlp)
+            cache["mlp"] = cache["mlp"].scatter(1, rows, block.mlp(h))
+            cache["stale"].scatter_(1, idx, 0.0)
+        executor.charge_block(i, flops.partial_block_flops(cfg, False, fresh), flops.block_flops(cfg, fresh)["mlp"],
+                              fresh)
+        return x + gate_mlp.unsqueeze(1) * cache["mlp"]
