@@ -82,15 +82,16 @@ def loss_profile(model: DyDiT, diffusion: GaussianDiffusion, images, labels, gen
     """The complete model's mean noise-prediction MSE in each of ``PROFILE_BINS`` equal bins of t."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     per_bin = diffusion.num_timesteps // PROFILE_BINS
     profile = []
     for b in range(PROFILE_BINS):
-        idx = torch.randint(len(images), (samples_per_bin,), generator=generator).to(images.device)
-        t = (b * per_bin + torch.randint(per_bin, (samples_per_bin,), generator=generator)).to(images.device)
-        x0 = images[idx]
-        noise = torch.randn(x0.shape, generator=generator).to(images.device)
+        idx = torch.randint(len(images), (samples_per_bin,), generator=generator)
+        t = (b * per_bin + torch.randint(per_bin, (samples_per_bin,), generator=generator)).to(device)
+        x0 = images[idx].to(device, torch.float32)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
         x_t = diffusion.q_sample(x0, t, noise)
-        out = model(x_t, t, labels[idx], complete_model=True)
+        out = model(x_t, t, labels[idx].to(device), complete_model=True)
         profile.append(diffusion.losses_from_output(out, x0, x_t, t, noise)["mse"].mean())
     model.train(was_training)
     return torch.stack(profile)

@@ -220,14 +220,16 @@ def check_loop_config(cfg: LoopConfig, world: int) -> None:
 
 
 def load_training_data(cfg: LoopConfig, model, device):
-    """Images and labels on ``device``: MNIST's train split, or an image folder at the model's size."""
+    """Images and labels, kept on the host in their stored dtype (a latent set of ImageNet does
+    not fit a GPU next to the model): MNIST's train split, an image folder at the model's size,
+    or a latent folder. Batches go to the device as they are drawn."""
     dataset = (load_dataset(cfg.data, "train") if cfg.data == "mnist" else
                load_dataset(cfg.data, image_size=model.config.input_size, channels=model.in_channels))
     images, labels = dataset.tensors
     if images.shape[1:] != (model.in_channels, model.config.input_size, model.config.input_size):
         raise ValueError(f"--data {cfg.data} gives images of shape {tuple(images.shape[1:])}; the model "
                          f"takes ({model.in_channels}, {model.config.input_size}, {model.config.input_size})")
-    return images.to(device), labels.to(device)
+    return images, labels
 
 
 # ---------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def run_training(cfg: LoopConfig, objective: Objective) -> Path:
     last_save, t_start, start_step, loss_avg = time.time(), time.time(), step, None
     while step < cfg.steps:
         objective.begin_step(gen)
-        idx = torch.randint(len(images), (local_batch,), generator=gen).to(device)
+        idx = torch.randint(len(images), (local_batch,), generator=gen)
         t = objective.timesteps(local_batch, diffusion.num_timesteps, gen).to(device)
         noise = torch.randn((local_batch, *images.shape[1:]), generator=gen).to(device)
         weights = (min_snr_weights(diffusion.alphas_cumprod, t.cpu(), cfg.min_snr_gamma).float().to(device)
@@ -294,7 +296,8 @@ def run_training(cfg: LoopConfig, objective: Objective) -> Path:
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * factor
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            result = objective.loss(forward, diffusion, Batch(images[idx], labels[idx], t, noise, weights, step))
+            x0, y = images[idx].to(device, torch.float32), labels[idx].to(device)
+            result = objective.loss(forward, diffusion, Batch(x0, y, t, noise, weights, step))
         optimizer_step(result, params, opt, cfg.grad_clip, world)
         update_ema(ema, model, cfg.ema_decay)
         step += 1
