@@ -7,7 +7,7 @@ A spec is TOML (paths relative to the repository root)::
     name = "lambda"                  # rows are named "lambda: target_ratio=0.5, seed=1"
     command = "finetune"             # train | finetune | flexi-finetune
     out = "runs/sweep-lambda"        # one sub-folder per run
-    weights = "model"                # evaluate the online weights ("ema": the EMA)
+    weights = "model"                # evaluate the online weights ("ema": the EMA; ["model", "ema"]: both)
     results = "data/results.csv"
 
     [config]                         # flags shared by every run (names as in the command's --help)
@@ -58,7 +58,7 @@ class SweepSpec:
     config: dict = field(default_factory=dict)
     grid: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
-    weights: str = "model"
+    weights: str | list = "model"
     results: str = str(RESULTS_CSV)
 
 
@@ -94,8 +94,9 @@ def read_spec(path: str | Path) -> SweepSpec:
     spec = SweepSpec(**raw)
     if spec.command not in COMMANDS:
         raise ValueError(f"{path}: command must be one of {sorted(COMMANDS)}, got {spec.command!r}")
-    if spec.weights not in ("model", "ema"):
-        raise ValueError(f"{path}: weights must be 'model' or 'ema', got {spec.weights!r}")
+    weights = spec.weights if isinstance(spec.weights, list) else [spec.weights]
+    if not weights or any(w not in ("model", "ema") for w in weights) or len(set(weights)) < len(weights):
+        raise ValueError(f"{path}: weights must be 'model', 'ema' or a list of both, got {spec.weights!r}")
     flags = {f.name for f in dataclasses.fields(COMMANDS[spec.command][0])}
     bad = sorted((set(spec.config) | set(spec.grid)) - flags)
     if bad:
@@ -126,8 +127,10 @@ def plan_runs(spec: SweepSpec) -> list[Run]:
     return runs
 
 
-def row_name(run: Run, sampling_seed: int, seeds: list[int]) -> str:
-    return run.name if len(seeds) == 1 else f"{run.name}, sampling seed {sampling_seed}"
+def row_name(run: Run, sampling_seed: int, seeds: list[int], weights: str, all_weights: list[str]) -> str:
+    """The results row of one run, sampling seed and weights (suffixes only where there is a choice)."""
+    name = run.name if len(all_weights) == 1 else f"{run.name}, {'EMA' if weights == 'ema' else 'online'} weights"
+    return name if len(seeds) == 1 else f"{name}, sampling seed {sampling_seed}"
 
 
 def finished_step(folder: Path) -> int:
@@ -145,10 +148,12 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print) ->
     options = dict(spec.evaluate)
     seeds = list(options.pop("sampling_seeds", [0]))
     options.setdefault("bootstrap", 500)
+    all_weights = spec.weights if isinstance(spec.weights, list) else [spec.weights]
     evaluator = None
     rows = []
     for run in plan_runs(spec):
-        todo = [s for s in seeds if row_name(run, s, seeds) not in done]
+        todo = [(w, s) for w in all_weights for s in seeds
+                if row_name(run, s, seeds, w, all_weights) not in done]
         step = finished_step(run.folder)
         state = "done" if not todo else ("trained" if step >= run.config.steps else
                                           f"resume at {step}" if step else "train")
@@ -157,17 +162,17 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print) ->
             continue
         if step < run.config.steps:
             COMMANDS[spec.command][1](dataclasses.replace(run.config, resume=step > 0))
-        exported = export_checkpoint(run.folder / CHECKPOINT_NAME, run.folder / f"{spec.weights}.pt",
-                                     weights=spec.weights)
         evaluator = evaluator or SampleEvaluator.from_default(device=device)
-        for seed in todo:
+        for weights, seed in todo:
+            exported = export_checkpoint(run.folder / CHECKPOINT_NAME, run.folder / f"{weights}.pt",
+                                         weights=weights)
             metrics = evaluate_checkpoint(exported, seed=seed, evaluator=evaluator, device=device,
                                           progress=False, **options)
-            row = {**metrics, **run.values, "name": row_name(run, seed, seeds), "sweep": spec.name,
-                   "run_folder": display_path(run.folder)}
+            row = {**metrics, **run.values, "name": row_name(run, seed, seeds, weights, all_weights),
+                   "sweep": spec.name, "weights": weights, "run_folder": display_path(run.folder)}
             record_result(results, row)
             rows.append(row)
-            log(f"  sampling seed {seed}: FD-LeNet {metrics['fd_lenet']:.2f} "
+            log(f"  {weights} weights, sampling seed {seed}: FD-LeNet {metrics['fd_lenet']:.2f} "
                 f"[{metrics.get('fd_lenet_lo', float('nan')):.2f}, {metrics.get('fd_lenet_hi', float('nan')):.2f}], "
                 f"accuracy {metrics['accuracy']:.3f}")
     return rows

@@ -95,10 +95,21 @@ def test_dry_run_changes_nothing(tmp_path, tiny_parent, capsys):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results.csv").exists()
 
 
-@pytest.mark.parametrize("name", ["lambda", "controls", "ablations"])
+@pytest.mark.parametrize("name", ["lambda", "controls", "ablations", "parents-S", "parents-L"])
 def test_committed_specs_are_valid(name):
     from dydit_lab.paths import DATA_DIR
 
     runs = plan_runs(read_spec(DATA_DIR / "sweeps" / f"{name}.toml"))
-    assert len(runs) == {"lambda": 21, "controls": 3, "ablations": 6}[name]
+    assert len(runs) == {"lambda": 21, "controls": 3, "ablations": 6, "parents-S": 2, "parents-L": 2}[name]
     assert len({r.folder for r in runs}) == len(runs) and len({r.name for r in runs}) == len(runs)
+
+
+def test_both_weights_get_their_own_rows(tmp_path, tiny_parent):
+    spec = write_spec(tmp_path, tiny_parent, steps=2)
+    spec.write_text(spec.read_text().replace('results = ', 'weights = ["model", "ema"]\nresults = ')
+                    .replace("target_ratio = [0.5, 0.9]", "target_ratio = [0.5]"))
+    rows = run_spec(read_spec(spec), device="cpu", log=lambda line: None)
+    assert sorted(r["name"] for r in rows) == ["tiny: target_ratio=0.5, EMA weights",
+                                               "tiny: target_ratio=0.5, online weights"]
+    assert {r["weights"] for r in rows} == {"model", "ema"}
+    assert (tmp_path / "runs" / "target_ratio0.5" / "ema.pt").exists()
