@@ -343,40 +343,41 @@ def schedule_flops(config, coarse_patch: int | None, coarse_steps: int, total_st
 
 
 def block_overhead_flops(config) -> int:
-    """MACs of one block besides :func:`block_flops` (ONE sample): its adaLN (6 D^2) and
-    its two LayerNorms on every token."""
+    """MACs of one block besides :func:`block_flops` (ONE sample): adaLN (6 D^2) and two LayerNorms."""
     cfg = _as_config(config)
-    D = cfg.hidden_size
-    return 6 * D * D + 2 * num_tokens(cfg) * D * LAYER_NORM_FLOPS_PER_ELEMENT
+    return 6 * cfg.hidden_size**2 + 2 * num_tokens(cfg) * cfg.hidden_size * LAYER_NORM_FLOPS_PER_ELEMENT
 
 
 def outside_blocks_flops(config) -> int:
     """MACs of one forward outside the blocks (ONE sample: embedders, final layer, unpatchify),
-    paid even when every block is reused. The static total is this plus ``depth`` blocks of
-    :func:`block_overhead_flops` + :func:`block_flops`."""
+    paid even when every block is reused: the static total minus ``depth`` whole blocks."""
     cfg = _as_config(config)
     block = block_overhead_flops(cfg) + sum(block_flops(cfg, num_tokens(cfg)).values())
     return analytic_flops(cfg)["total"] - cfg.depth * block
 
 
-def partial_block_flops(config, attention: bool, mlp_tokens: int) -> int:
-    """MACs of one DiT block run in part (ONE sample): adaLN always; norm1 and attention on every
-    token when ``attention``; norm2 and the MLP on ``mlp_tokens`` tokens (ToCa's cache step:
-    attention reused, MLP on the fresh tokens). All on: the static block."""
+def partial_block_flops(config, attention: bool, mlp_tokens: Number, width: tuple | None = None) -> Number:
+    """MACs of one block run in part (ONE sample): adaLN always; norm1 and attention on every token
+    when ``attention``; norm2 and the MLP on ``mlp_tokens`` tokens (ToCa's cache step: attention
+    reused, the MLP on the fresh tokens; all on: the whole block). ``width`` = (active heads,
+    active groups, kept tokens) makes it a DyDiT block (:func:`dynamic_block_flops`): the token
+    router scores the ``mlp_tokens``, the MLP's active groups run on the kept ones of them."""
     cfg = _as_config(config)
     D, N = cfg.hidden_size, num_tokens(cfg)
     _check_count("mlp_tokens", mlp_tokens, N)
-    norm = D * LAYER_NORM_FLOPS_PER_ELEMENT
-    attn = N * norm + block_flops(cfg, N)["attn"] if attention else 0
-    return 6 * D * D + attn + mlp_tokens * (norm + 2 * D * _mlp_hidden(cfg))
+    total = 6 * D * D + ((N if attention else 0) + mlp_tokens) * D * LAYER_NORM_FLOPS_PER_ELEMENT
+    if width is None:
+        return total + (block_flops(cfg, N)["attn"] if attention else 0) + mlp_tokens * 2 * D * _mlp_hidden(cfg)
+    heads, groups, kept = width
+    parts = dynamic_block_flops(cfg, N, heads if attention else 0, groups, kept)
+    return total + parts["attn"] + parts["mlp"] + parts["sdt_router"] * mlp_tokens / N + parts["tdw_router"]
 
 
 def modulated_input_flops(config) -> int:
-    """MACs of the first block's adaLN and norm1 on every token (ONE sample): TeaCache's probe
-    (the distance it then takes is elementwise, free)."""
+    """MACs of block 0's adaLN and norm1 on every token (ONE sample): TeaCache's probe (the
+    distance it then takes is elementwise, free)."""
     cfg = _as_config(config)
-    D = cfg.hidden_size
-    return 6 * D * D + num_tokens(cfg) * D * LAYER_NORM_FLOPS_PER_ELEMENT
+    return 6 * cfg.hidden_size**2 + num_tokens(cfg) * cfg.hidden_size * LAYER_NORM_FLOPS_PER_ELEMENT
 
 
 # ---------------------------------------------------------------------------

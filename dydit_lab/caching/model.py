@@ -60,15 +60,13 @@ class CachedModel(ModelWrapper):
     A sampling run starts with :meth:`reset`, which the sampler triggers through
     :meth:`plan_timesteps`; without a plan, a timestep not below the previous one, or a new
     batch shape, starts a new run. Every call must carry one timestep for the whole batch.
-    ``records`` holds one :class:`CallRecord` per call; :meth:`sampling_cost` runs a
-    sampling pass and returns its exact cost.
+    ``records`` holds one :class:`CallRecord` per call since the sampler last planned a run;
+    :meth:`sampling_cost` runs a sampling pass and returns its exact cost.
     """
 
     def __init__(self, model: DiT, policy):
         if not isinstance(model, DiT):
             raise TypeError(f"CachedModel needs a DiT or a DyDiT, got {type(model).__name__}")
-        if isinstance(model, DyDiT) and not policy.supports_dydit:
-            raise ValueError(f"{policy} cannot run on a DyDiT ({policy.why_not_dydit})")
         super().__init__(model)
         self.policy = policy
         self.records: list[CallRecord] = []
@@ -107,6 +105,7 @@ class CachedModel(ModelWrapper):
         plans a DyDiT's widths, as the DyDiT's own method does)."""
         self._schedule = sorted({int(v) for v in timesteps}, reverse=True)
         self.reset()
+        self.records = []  # a long-lived model keeps the record of its latest run only
         plan = getattr(self.model, "plan_timesteps", None)
         return plan(timesteps) if callable(plan) else None
 
@@ -127,11 +126,11 @@ class CachedModel(ModelWrapper):
         step = self._step(x, t)
         tokens, c, t_emb = self.model.embed(x, t, y)
         B, N, _ = tokens.shape
-        self._call = {"c": c, "t_emb": t_emb, "t": t, "computed": [False] * self.depth,
+        self._call = {"c": c, "t_emb": t_emb, "computed": [False] * self.depth,
                       "tokens": [0.0] * self.depth, "block_macs": 0.0, "macs": 0.0, "policy_macs": 0.0,
                       "heads": None, "groups": None, "keep": None}
         if self.dynamic:
-            self._prepare_dynamic(B, N, step.t, tokens.device)
+            self._prepare_dynamic(B, N, step.t)
         tokens = self.policy.run(self, tokens, c, step)
         out = self.model.unpatchify(self.model.final_layer(tokens, c))
         call, self._call = self._call, None
@@ -145,7 +144,8 @@ class CachedModel(ModelWrapper):
 
     # -- what policies call -----------------------------------------------------------
 
-    def _prepare_dynamic(self, B, N, t, device):
+    def _prepare_dynamic(self, B, N, t):
+        """Empty routing records, and the widths planned for timestep ``t`` (sliced execution)."""
         model = self.model
         H = model.config.num_heads
         self._call.update(heads=torch.zeros(B, self.depth, H), groups=torch.zeros(B, self.depth, H),
@@ -186,13 +186,31 @@ class CachedModel(ModelWrapper):
             x = self.compute_block(i, x)
         return x
 
-    def charge_block(self, i: int, macs: float, block_macs: float, tokens: float) -> None:
+    def width(self, i: int):
+        """Block ``i``'s (active heads, active MLP groups) at this call's timestep: None for a
+        DiT (everything on); a DyDiT must run sliced (eval mode) for a policy to ask."""
+        if not self.dynamic:
+            return None
+        plan = self._call.get("plan")
+        if plan is None:
+            raise ValueError(f"{self.policy} runs a DyDiT's blocks itself: it needs eval mode and sliced execution")
+        return plan.units[i]
+
+    def charge_block(self, i: int, macs: float, block_macs: float, tokens: float, keep=None,
+                     attention: bool = True) -> None:
         """Record block ``i`` as run in part by the policy itself (ToCa): its MACs, of which
-        ``block_macs`` attention + MLP, and the tokens whose MLP ran (none: not computed)."""
+        ``block_macs`` attention + MLP, and the tokens whose MLP ran (none: not computed). A
+        DyDiT's block also records its gates: its planned heads (when ``attention`` ran) and
+        groups, and ``keep`` (B, N), the tokens its MLP ran on."""
         call = self._call
         call["computed"][i], call["tokens"][i] = tokens > 0, float(tokens)
         call["macs"] += macs
         call["block_macs"] += block_macs
+        if self.dynamic:
+            plan = call["plan"]
+            if attention:
+                call["heads"][:, i] = plan.heads[i].detach().cpu()
+            call["groups"][:, i], call["keep"][:, i] = plan.groups[i].detach().cpu(), keep.detach().cpu()
 
     def charge(self, macs: float) -> None:
         """Charge the policy's own work in this call (a probe), per sample."""
@@ -220,7 +238,6 @@ class CachedModel(ModelWrapper):
         self.model.eval()
         diffusion = GaussianDiffusion(learn_sigma=cfg.learn_sigma).respaced(steps)
         y = (torch.arange(num_samples) % self.num_classes).to(device)
-        self.records = []
         diffusion.sample(self, y, (num_samples, self.in_channels, cfg.input_size, cfg.input_size), method=method,
                          cfg_scale=cfg_scale, seed=seed, progress=False)
         self.model.train(was_training)

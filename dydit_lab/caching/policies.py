@@ -31,14 +31,7 @@ def _check(name: str, value, ok: bool, rule: str):
 
 
 class CachePolicy:
-    """Base of the policies: per-block residual caches and the plain loop.
-
-    ``supports_dydit``: whether the policy only decides which whole blocks run (then a DyDiT
-    runs its computed blocks at its own dynamic width).
-    """
-
-    supports_dydit = True
-    why_not_dydit = ""
+    """Base of the policies: per-block residual caches and the plain loop."""
 
     def __init__(self):
         self._residuals: list[torch.Tensor | None] = []

@@ -7,7 +7,8 @@ the last full step (L2-normalised over tokens), plus ``staleness_weight`` x (ste
 last recomputed / interval), plus a bonus for the best token of each 2x2 patch neighbourhood
 (spreads the fresh tokens over the image). The current step's adaLN gates are applied to the
 cached outputs, so a cache step pays each block's adaLN, plus norm2 and the MLP on its fresh
-tokens (:func:`dydit_lab.flops.partial_block_flops`).
+tokens (:func:`dydit_lab.flops.partial_block_flops`). On a DyDiT the block runs at its planned
+width, and its token router decides which fresh tokens the MLP runs on (it scores only those).
 """
 
 from __future__ import annotations
@@ -25,15 +26,48 @@ STALENESS_WEIGHT = 0.25  # ToCa's default weight of the cache-frequency score
 NEIGHBOURHOOD_BONUS = 0.6  # ToCa's bonus for the best token of each 2x2 neighbourhood
 
 
-def attention_with_received(attn, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention output of ``attn`` on ``h`` (after ``proj``), written out so that the map is
+def attention_with_received(block, h: torch.Tensor, width=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output of ``block`` on ``h`` (after ``proj``), written out so that the map is
     available, and the attention each token received (column sums of the head-averaged map).
-    Same MACs as the fused kernel: q k^T and map v."""
-    B, N, C = h.shape
-    q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    Same MACs as the fused kernel: q k^T and map v. ``width``: a DyDiT block's (heads, groups),
+    only the active heads run (none: the output is ``proj``'s bias)."""
+    attn, (B, N, C) = block.attn, h.shape
+    if width is None:
+        qkv_w, qkv_b, proj_w, heads = attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.num_heads
+    elif not width[0]:
+        return attn.proj.bias.expand(B, N, C), h.new_zeros(B, N)
+    else:
+        w = block.sliced_weights(*width)
+        qkv_w, qkv_b, proj_w, heads = w.qkv_w, w.qkv_b, w.proj_w, len(width[0])
+    qkv = F.linear(h, qkv_w, qkv_b).reshape(B, N, 3, heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     weights = torch.softmax(q @ k.transpose(-2, -1) * attn.head_dim ** -0.5, dim=-1)
-    out = attn.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+    out = F.linear((weights @ v).transpose(1, 2).reshape(B, N, heads * attn.head_dim), proj_w, attn.proj.bias)
     return out, weights.mean(1).sum(1)
+
+
+def mlp_on(block, h: torch.Tensor, width=None) -> torch.Tensor:
+    """``block``'s MLP on ``h``: all of it, or a DyDiT block's active groups (none: fc2's bias,
+    since GELU(0) = 0)."""
+    if width is None:
+        return block.mlp(h)
+    if not width[1]:
+        return block.mlp.fc2.bias.expand(*h.shape[:-1], -1)
+    w = block.sliced_weights(*width)
+    return F.linear(block.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, block.mlp.fc2.bias)
+
+
+def routed_mlp(block, x: torch.Tensor, shift, scale, width=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ungated MLP output of the tokens ``x`` (B, n, C) and, for a DyDiT block, the tokens its
+    router keeps (B, n): the MLP runs on those only, the others get zeros (as the DyDiT adds
+    nothing for them)."""
+    h = modulate(block.norm2(x), shift, scale)
+    if width is None:
+        return mlp_on(block, h), None
+    keep = torch.sigmoid(block.token_selection.logits(x)) > 0.5
+    out = torch.zeros_like(h)
+    out[keep] = mlp_on(block, h[keep], width)
+    return out, keep
 
 
 def neighbourhood_bonus(score: torch.Tensor, bonus: float = NEIGHBOURHOOD_BONUS) -> torch.Tensor:
@@ -52,11 +86,8 @@ def neighbourhood_bonus(score: torch.Tensor, bonus: float = NEIGHBOURHOOD_BONUS)
 class ToCa(CachePolicy):
     """Token-wise caching (see the module docstring): full steps every ``interval`` steps, the
     MLP of the top ``fraction`` of tokens recomputed per block in between. ``interval`` 1 is
-    the plain model. Runs on a static DiT only."""
-
-    supports_dydit = False
-    why_not_dydit = ("ToCa recomputes a chosen set of tokens inside each block; a DyDiT's token "
-                     "router already chooses which tokens run its MLP")
+    the plain model. On a DyDiT (sliced) a block runs its planned heads and groups, and its
+    token router picks, among the fresh tokens, those its MLP runs on."""
 
     def __init__(self, fraction: float, interval: int, staleness_weight: float = STALENESS_WEIGHT):
         super().__init__()
@@ -86,32 +117,48 @@ class ToCa(CachePolicy):
         return x
 
     def _full(self, executor, i, block, x, c):
-        cache, cfg = self._cache[i], executor.model.config
+        cache, cfg, width = self._cache[i], executor.model.config, executor.width(i)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-        attn, received = attention_with_received(block.attn, modulate(block.norm1(x), shift_msa, scale_msa))
+        attn, received = attention_with_received(block, modulate(block.norm1(x), shift_msa, scale_msa), width)
         x = x + gate_msa.unsqueeze(1) * attn
-        mlp = block.mlp(modulate(block.norm2(x), shift_mlp, scale_mlp))
-        cache.update(attn=attn, mlp=mlp, received=F.normalize(received, dim=1),
-                     stale=torch.zeros(received.shape, device=x.device))
-        N = x.shape[1]
-        parts = flops.block_flops(cfg, N)
-        executor.charge_block(i, flops.partial_block_flops(cfg, True, N), parts["attn"] + parts["mlp"], N)
+        mlp, keep = routed_mlp(block, x, shift_mlp, scale_mlp, width)
+        B, N = received.shape
+        cache.update(attn=attn, mlp=mlp, received=F.normalize(received, dim=1), stale=x.new_zeros(B, N))
+        if width is None:
+            parts = flops.block_flops(cfg, N)
+            executor.charge_block(i, flops.partial_block_flops(cfg, True, N), parts["attn"] + parts["mlp"], N)
+        else:
+            kept = keep.float().sum(1).mean().item()
+            counts = (len(width[0]), len(width[1]), kept)
+            parts = flops.dynamic_block_flops(cfg, N, *counts)
+            executor.charge_block(i, flops.partial_block_flops(cfg, True, N, counts), parts["attn"] + parts["mlp"],
+                                  kept, keep)
         return x + gate_mlp.unsqueeze(1) * mlp
 
     def _partial(self, executor, i, block, x, c):
-        cache, cfg = self._cache[i], executor.model.config
+        cache, cfg, width = self._cache[i], executor.model.config, executor.width(i)
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * cache["attn"]
         B, N, C = x.shape
         fresh = int(self.fraction * N)
         cache["stale"] += 1
+        keep, kept = x.new_zeros(B, N, dtype=torch.bool), 0.0
         if fresh:
             score = neighbourhood_bonus(cache["received"] + self.staleness_weight * cache["stale"] / self.interval)
             idx = score.topk(fresh, dim=1).indices  # (B, fresh)
             rows = idx.unsqueeze(-1).expand(-1, -1, C)
-            h = modulate(block.norm2(x.gather(1, rows)), shift_mlp, scale_mlp)
-            cache["mlp"] = cache["mlp"].scatter(1, rows, block.mlp(h))
+            out, keep_fresh = routed_mlp(block, x.gather(1, rows), shift_mlp, scale_mlp, width)
+            cache["mlp"] = cache["mlp"].scatter(1, rows, out)
             cache["stale"].scatter_(1, idx, 0.0)
-        executor.charge_block(i, flops.partial_block_flops(cfg, False, fresh), flops.block_flops(cfg, fresh)["mlp"],
-                              fresh)
+            if keep_fresh is not None:
+                keep.scatter_(1, idx, keep_fresh)
+                kept = keep_fresh.float().sum(1).mean().item()
+        if width is None:
+            executor.charge_block(i, flops.partial_block_flops(cfg, False, fresh), flops.block_flops(cfg, fresh)["mlp"],
+                                  fresh)
+        else:
+            counts = (0, len(width[1]), kept)
+            mlp_macs = flops.dynamic_block_flops(cfg, N, *counts)["mlp"]
+            executor.charge_block(i, flops.partial_block_flops(cfg, False, fresh, counts), mlp_macs, kept, keep,
+                                  attention=False)
         return x + gate_mlp.unsqueeze(1) * cache["mlp"]

@@ -52,7 +52,7 @@ def test_reuse_free_settings_are_the_plain_sampler(name, cfg_scale):
     assert all(all(r.computed) for r in cached.records) and len(cached.records) == 6
 
 
-@pytest.mark.parametrize("name", sorted(set(REUSE_FREE) - {"ToCa interval 1"}))
+@pytest.mark.parametrize("name", sorted(REUSE_FREE))
 def test_reuse_free_settings_on_a_dydit_are_its_plain_sampler(name):
     dydit = random_dydit()
     cached = CachedModel(dydit, REUSE_FREE[name]())
@@ -141,12 +141,27 @@ def test_a_new_run_or_batch_resets_the_caches():
     assert [all(r.computed) for r in cached.records] == [True, False, False, True, True]
 
 
-def test_one_timestep_per_call_and_toca_needs_a_static_dit():
+def test_toca_on_a_dydit_runs_its_width_and_its_token_router():
+    """Full steps: the routed block; cache steps: the planned MLP groups on the fresh tokens the
+    token router keeps, attention reused (no head runs)."""
+    dydit = random_dydit()
+    cached = CachedModel(dydit, ToCa(0.5, interval=2))
+    run = cached.sampling_run(4, num_samples=3)
+    full, partial = run["records"][0], run["records"][1]
+    assert full.routing.heads.mean() < 1 and 0 < full.routing.tokens.mean() < 1
+    assert partial.routing.heads.sum() == 0 and 0 < partial.routing.tokens.mean() <= 0.5
+    assert partial.macs < full.macs
+    as_dit = CachedModel(tiny_dit(), ToCa(0.5, interval=2)).sampling_cost(4)["flops_fraction"]
+    assert run["flops_fraction"] < as_dit
+    dydit.execution = "masked"
+    with pytest.raises(ValueError, match="needs eval mode and sliced execution"):
+        sample(CachedModel(dydit, ToCa(0.5, interval=2)))
+
+
+def test_one_timestep_per_call_and_a_dit_to_wrap():
     cached = cached_model(tiny_dit(), "fora:2")
     with pytest.raises(ValueError, match=r"one timestep per call.*\[10, 900\]"):
         cached(torch.randn(2, 1, 32, 32), torch.tensor([10, 900]), torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="cannot run on a DyDiT"):
-        cached_model(random_dydit(), "toca:0.3")
     with pytest.raises(TypeError, match="needs a DiT or a DyDiT"):
         CachedModel(torch.nn.Linear(2, 2), FORA(2))
 
