@@ -199,11 +199,11 @@ class CachedModel(ModelWrapper):
     def charge_block(self, i: int, macs: float, block_macs: float, tokens: float, keep=None,
                      attention: bool = True) -> None:
         """Record block ``i`` as run in part by the policy itself (ToCa): its MACs, of which
-        ``block_macs`` attention + MLP, and the tokens whose MLP ran (none: not computed). A
-        DyDiT's block also records its gates: its planned heads (when ``attention`` ran) and
-        groups, and ``keep`` (B, N), the tokens its MLP ran on."""
+        ``block_macs`` attention + MLP, and the tokens whose MLP ran (with no attention either:
+        not computed). A DyDiT's block also records its gates: its planned heads (when
+        ``attention`` ran) and groups, and ``keep`` (B, N), the tokens its MLP ran on."""
         call = self._call
-        call["computed"][i], call["tokens"][i] = tokens > 0, float(tokens)
+        call["computed"][i], call["tokens"][i] = attention or tokens > 0, float(tokens)
         call["macs"] += macs
         call["block_macs"] += block_macs
         if self.dynamic:

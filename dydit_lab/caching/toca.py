@@ -155,7 +155,7 @@ class ToCa(CachePolicy):
                 kept = keep_fresh.float().sum(1).mean().item()
         if width is None:
             executor.charge_block(i, flops.partial_block_flops(cfg, False, fresh), flops.block_flops(cfg, fresh)["mlp"],
-                                  fresh)
+                                  fresh, attention=False)
         else:
             counts = (0, len(width[1]), kept)
             mlp_macs = flops.dynamic_block_flops(cfg, N, *counts)["mlp"]
