@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+
+from dydit_lab import create_model
+from dydit_lab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -96,3 +100,22 @@ BENCH_RESULT_KEYS = {
     "ideal_speedup", "efficiency", "token_keep_rate", "head_fraction", "group_fraction",
     "flops_ratio_per_step", "torch_version", "num_threads", "timestamp",
 }
+
+
+def cli_error(capsys, argv) -> str:
+    """Run a command that must fail: exit status 2 and the one-line ``error:`` it printed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def tiny_model(seed: int = 0):
+    """DiT-lab-T with small random weights (past adaLN-Zero's zero output), eval mode."""
+    torch.manual_seed(seed)
+    model = create_model("DiT-lab-T")
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model.eval()

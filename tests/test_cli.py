@@ -21,18 +21,11 @@ from dydit_lab.models.dydit import DyDiT
 from dydit_lab.models.flexidit import FlexiDiT
 from dydit_lab.paths import DATA_DIR
 from tests.helpers import BENCH_ARCH, BENCH_RESULT_KEYS, lab_t_macs, run_module, write_image_folder
+from tests.helpers import cli_error
 
 COMMITTED_RESUME = DATA_DIR / "resume" / "lab-L" / "checkpoint.pt"  # a real pre-refactor run at step 12000
 
 
-def _error(capsys, argv) -> str:
-    """Run a command that must fail: exit status 2 and the one-line ``error:`` it printed."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 def _steps_of(log):
@@ -70,7 +63,7 @@ def test_train_cli_on_an_image_folder(tmp_path, capsys):
     ckpt = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["step"] == 2 and ckpt["args"]["data"] == str(data)
     assert type(dydit_lab.load_model(tmp_path / "run" / "checkpoint.pt")) is dydit_lab.DiT
-    err = _error(capsys, ["train", "--arch", "DiT-lab-T", "--data", str(tmp_path / "none"),
+    err = cli_error(capsys, ["train", "--arch", "DiT-lab-T", "--data", str(tmp_path / "none"),
                           "--out", str(tmp_path / "x"), "--steps", "1"])
     assert "does not exist" in err
 
@@ -163,9 +156,9 @@ def test_finetune_on_an_image_folder(exported_parent, tmp_path, capsys):
 def test_finetune_names_a_parent_that_is_no_dit(tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     torch.save({"weights": [1, 2, 3], "note": "not a model", "step": 4}, junk)
-    err = _error(capsys, _finetune_args(junk, tmp_path / "ft"))
+    err = cli_error(capsys, _finetune_args(junk, tmp_path / "ft"))
     assert str(junk) in err and "not a DiT checkpoint" in err
-    err = _error(capsys, ["flexi-finetune", "--parent", str(junk), "--out", str(tmp_path / "flexi"),
+    err = cli_error(capsys, ["flexi-finetune", "--parent", str(junk), "--out", str(tmp_path / "flexi"),
                           "--steps", "2", "--device", "cpu"])
     assert str(junk) in err and "not a DiT checkpoint" in err
     assert not (tmp_path / "ft").exists() and not (tmp_path / "flexi").exists()
@@ -291,7 +284,7 @@ def test_evaluate_complete_model_with_guidance(strategy_checkpoints, capsys):
 
 
 def test_evaluate_refuses_zero_samples(strategy_checkpoints, capsys):
-    err = _error(capsys, ["evaluate", "--checkpoint", str(strategy_checkpoints / "DiT-lab-L.pt"),
+    err = cli_error(capsys, ["evaluate", "--checkpoint", str(strategy_checkpoints / "DiT-lab-L.pt"),
                           "--num-samples", "0", "--steps", "2", "--device", "cpu"])
     assert "got 0" in err and "samples" in err
 
@@ -398,5 +391,5 @@ def test_export_cli(parent, tmp_path, capsys):
     small = read_checkpoint(tmp_path / "small.pt")
     assert "opt" not in small and small["args"]["step"] == 10 and small["args"]["weights"] == "ema"
     assert type(dydit_lab.load_model(tmp_path / "small.pt")) is dydit_lab.DiT
-    err = _error(capsys, ["export", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.pt")])
+    err = cli_error(capsys, ["export", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.pt")])
     assert "none.pt" in err

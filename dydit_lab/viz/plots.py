@@ -274,12 +274,11 @@ def plot_speedup_vs_batch(bench: pd.DataFrame, ax: Axes | None = None) -> Figure
     fig, ax = _axes(ax)
     threads = bench["num_threads"] if "num_threads" in bench else pd.Series(0, index=bench.index)
     keys = [bench["device"].astype(str), bench["target_ratio"].round(2), threads.fillna(0).astype(int)]
-    styles = ["-", "-.", "--", ":"]
     for i, ((device, target, n), rows) in enumerate(bench.groupby(keys)):
         rows = rows.groupby("batch_size", as_index=False)[["speedup", "masked_speedup"]].median()
         color = PALETTE[i % len(PALETTE)]
         where = f"{device}, {n} thread{'s' if n != 1 else ''}" if n else device
-        ax.plot(rows["batch_size"], rows["speedup"], "o" + styles[0], color=color,
+        ax.plot(rows["batch_size"], rows["speedup"], "o-", color=color,
                 label=f"sliced, ratio {target}, {where}")
         ax.plot(rows["batch_size"], rows["masked_speedup"], "x--", color=color, alpha=0.7,
                 label=f"masked, ratio {target}, {where}")

@@ -9,18 +9,12 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from dydit_lab import create_model
 from dydit_lab.analysis.loss_gap import (loss_gap, per_timestep_loss, sample_image_indices, summarize_gap,
                                          timestep_noise)
 from dydit_lab.diffusion import GaussianDiffusion
+from tests.helpers import tiny_model
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = create_model("DiT-lab-T")
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    return model.eval()
 
 
 class ZeroEps(torch.nn.Module):

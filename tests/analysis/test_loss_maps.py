@@ -5,19 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dydit_lab import create_model
 from dydit_lab.analysis.common import patch_mean
 from dydit_lab.analysis.loss_maps import (PatchLossMaps, image_noise, noisy_images, normalize_maps,
                                           patch_loss_maps, stroke_concentration)
 from dydit_lab.diffusion import GaussianDiffusion
+from tests.helpers import tiny_model
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = create_model("DiT-lab-T")
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    return model.eval()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from dydit_lab.official.sample import sample_to_files
 from dydit_lab.official.vae import decode, load_vae
 
 from .files import mixed_routers, randomise
+from tests.helpers import cli_error
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,13 +34,6 @@ def run_module(*args, torchrun: int = 0, timeout: int = 600):
                           timeout=timeout, cwd=ROOT)
 
 
-def error_of(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -80,25 +74,25 @@ def test_measured_flops_fraction_is_that_of_the_routing_used(lab_dydit, tmp_path
 
 def test_bad_input_is_one_line(lab_dydit, released, tmp_path, capsys):
     out = str(tmp_path / "g.png")
-    assert "class 10 is out of range" in error_of(capsys, ["sample", "--checkpoint", str(lab_dydit),
+    assert "class 10 is out of range" in cli_error(capsys, ["sample", "--checkpoint", str(lab_dydit),
                                                            "--classes", "1,10", "--out", out])
-    assert "comma-separated" in error_of(capsys, ["sample", "--checkpoint", str(lab_dydit),
+    assert "comma-separated" in cli_error(capsys, ["sample", "--checkpoint", str(lab_dydit),
                                                   "--classes", "dog", "--out", out])
-    assert ".png" in error_of(capsys, ["sample", "--checkpoint", str(lab_dydit), "--out", str(tmp_path / "g.jpg")])
-    assert "no checkpoint" in error_of(capsys, ["sample", "--checkpoint", str(tmp_path / "none.pt"), "--out", out])
-    err = error_of(capsys, ["sample", "--checkpoint", str(released["dit"]), "--out", out])
+    assert ".png" in cli_error(capsys, ["sample", "--checkpoint", str(lab_dydit), "--out", str(tmp_path / "g.jpg")])
+    assert "no checkpoint" in cli_error(capsys, ["sample", "--checkpoint", str(tmp_path / "none.pt"), "--out", out])
+    err = cli_error(capsys, ["sample", "--checkpoint", str(released["dit"]), "--out", out])
     assert "latent model" in err and "--vae" in err
-    err = error_of(capsys, ["sample", "--checkpoint", str(released["dit"]), "--vae", str(tmp_path / "no"),
+    err = cli_error(capsys, ["sample", "--checkpoint", str(released["dit"]), "--vae", str(tmp_path / "no"),
                             "--out", out])
     assert "is not a folder" in err
     (tmp_path / "empty").mkdir()
-    err = error_of(capsys, ["sample", "--checkpoint", str(released["dit"]), "--vae", str(tmp_path / "empty"),
+    err = cli_error(capsys, ["sample", "--checkpoint", str(released["dit"]), "--vae", str(tmp_path / "empty"),
                             "--out", out])
     assert "config.json" in err
 
 
 def test_a_vae_that_does_not_fit_is_named(lab_dydit, vae_dir, tmp_path, capsys):
-    err = error_of(capsys, ["sample", "--checkpoint", str(lab_dydit), "--vae", str(vae_dir),
+    err = cli_error(capsys, ["sample", "--checkpoint", str(lab_dydit), "--vae", str(vae_dir),
                             "--out", str(tmp_path / "g.png")])
     assert "4-channel latents" in err and "takes 1 channels" in err
 
