@@ -16,7 +16,7 @@ from dydit_lab.official.latents import center_crop, read_images
 from dydit_lab.official.vae import encode, load_vae
 
 from .files import IMAGE_SIZE, NUM_CLASSES, lab_latent_checkpoint
-from .test_sample import error_of, run_module
+from tests.helpers import cli_error, run_module
 
 # Two steps; the official (absolute) router objective skips the lab's loss profile of the parent.
 FINETUNE_FAST = ["--steps", "2", "--batch-size", "4", "--hold-steps", "0", "--anneal-steps", "1",
@@ -60,15 +60,15 @@ def test_extract_latents_writes_what_the_vae_encodes(latents, rgb_folder, vae_di
     expected = (posterior.mean + posterior.std * noise) * 0.18215
     assert torch.allclose(x, expected, atol=2e-3, rtol=2e-3)  # shards hold float16
     assert torch.allclose(encode(vae, read_images(paths[:1], IMAGE_SIZE)), posterior.mean[:1] * 0.18215, atol=1e-6)
-    err = error_of(capsys, ["extract-latents", "--images", str(rgb_folder), "--vae", str(vae_dir),
+    err = cli_error(capsys, ["extract-latents", "--images", str(rgb_folder), "--vae", str(vae_dir),
                             "--out", str(latents), "--device", "cpu"])
     assert "already holds latents" in err
 
 
 def test_bad_extraction_input_is_one_line(rgb_folder, vae_dir, tmp_path, capsys):
-    assert "does not exist" in error_of(capsys, ["extract-latents", "--images", str(tmp_path / "none"),
+    assert "does not exist" in cli_error(capsys, ["extract-latents", "--images", str(tmp_path / "none"),
                                                  "--vae", str(vae_dir), "--out", str(tmp_path / "o")])
-    err = error_of(capsys, ["extract-latents", "--images", str(rgb_folder), "--vae", str(vae_dir),
+    err = cli_error(capsys, ["extract-latents", "--images", str(rgb_folder), "--vae", str(vae_dir),
                             "--out", str(tmp_path / "o"), "--image-size", "15", "--device", "cpu"])
     assert "multiple of the VAE's downsampling 2" in err
 
@@ -104,7 +104,7 @@ def test_latent_parents_finetune_and_flexify_on_latents(latents, tmp_path, capsy
 
 
 def test_train_names_a_latent_size_the_model_does_not_take(latents, tmp_path, capsys):
-    err = error_of(capsys, ["train", "--arch", "DiT-S/4", "--data", str(latents), "--out", str(tmp_path / "t"),
+    err = cli_error(capsys, ["train", "--arch", "DiT-S/4", "--data", str(latents), "--out", str(tmp_path / "t"),
                             "--steps", "1", "--device", "cpu"])
     assert "(4, 8, 8)" in err and "(4, 32, 32)" in err
 
