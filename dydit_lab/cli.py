@@ -24,7 +24,7 @@ from .models.dydit import DyDiT, sampling_flops
 from .official.latents import extract_latents
 from .official.sample import sample_to_files
 from .paths import BENCH_DIR, CHECKPOINT_DIR, DEFAULT_CLASSIFIER, FIGURES_DIR, RESULTS_CSV, resolve_device
-from .sweep import read_spec, run_spec
+from .sweep import parse_only, read_spec, run_spec
 from .training.dydit import FinetuneConfig, finetune
 from .training.flexidit import FlexiFinetuneConfig, flexi_finetune
 from .training.pretrain import TrainConfig, train
@@ -152,7 +152,8 @@ def cmd_bench(args):
 
 
 def cmd_sweep(args):
-    rows = run_spec(read_spec(args.spec), dry_run=args.dry_run, device=resolve_device(args.device))
+    spec = read_spec(args.spec)
+    rows = run_spec(spec, dry_run=args.dry_run, device=resolve_device(args.device), only=parse_only(args.only, spec))
     if not args.dry_run:
         print(f"{len(rows)} new result row(s)")
 
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "resume what was interrupted, evaluate, one results row per run")
     p.add_argument("--spec", required=True, help="the TOML spec (see dydit_lab.sweep)")
     p.add_argument("--dry-run", action="store_true", help="list each run and its state, do nothing")
+    p.add_argument("--only", action="append", metavar="KEY=VALUE",
+                   help="only the grid points with this value (repeatable), e.g. --only seed=0")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("flexi-flops", help="FLOPs of FlexiDiT sampling schedules (first k steps coarse)")

@@ -22,7 +22,8 @@ A spec is TOML (paths relative to the repository root)::
     sampling_seeds = [0]
     bootstrap = 500
 
-``python -m dydit_lab sweep --spec data/sweeps/lambda.toml`` (``--dry-run`` lists the plan); in Python: ``run_spec(read_spec(path))``.
+``python -m dydit_lab sweep --spec data/sweeps/lambda.toml`` (``--dry-run`` lists the plan; ``--only seed=0``
+keeps the grid points with that value, to run one seed first); in Python: ``run_spec(read_spec(path))``.
 """
 
 from __future__ import annotations
@@ -110,13 +111,26 @@ def read_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
-def plan_runs(spec: SweepSpec) -> list[Run]:
-    """Every combination of the grid, in the order the grid lists them."""
+def parse_only(items: list[str] | None, spec: SweepSpec) -> dict:
+    """``["seed=0", ...]`` as ``{"seed": "0"}``; a key outside the grid is an error naming it."""
+    only = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in spec.grid:
+            raise ValueError(f"--only {item!r}: expected KEY=VALUE with KEY one of the grid's {sorted(spec.grid)}")
+        only[key] = value
+    return only
+
+
+def plan_runs(spec: SweepSpec, only: dict | None = None) -> list[Run]:
+    """Every combination of the grid, in the order the grid lists them (those matching ``only``)."""
     config_cls = COMMANDS[spec.command][0]
     keys = list(spec.grid)
     runs = []
     for combo in itertools.product(*(spec.grid[k] for k in keys)):
         values = dict(zip(keys, combo))
+        if any(str(values[k]) != v for k, v in (only or {}).items()):
+            continue
         label = ", ".join(f"{k}={v}" for k, v in values.items())
         slug = "-".join(f"{k}{v}" for k, v in values.items()) or "run"
         folder = Path(_repo_path(spec.out)) / slug
@@ -141,8 +155,8 @@ def finished_step(folder: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
 
 
-def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print) -> list[dict]:
-    """Train, evaluate and record every run of ``spec`` that has no results row yet."""
+def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print, only: dict | None = None) -> list[dict]:
+    """Train, evaluate and record every run of ``spec`` (matching ``only``) that has no results row yet."""
     results = Path(_repo_path(spec.results))
     done = {r["name"] for r in read_results(results)}
     options = dict(spec.evaluate)
@@ -151,7 +165,7 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print) ->
     all_weights = spec.weights if isinstance(spec.weights, list) else [spec.weights]
     evaluator = None
     rows = []
-    for run in plan_runs(spec):
+    for run in plan_runs(spec, only):
         todo = [(w, s) for w in all_weights for s in seeds
                 if row_name(run, s, seeds, w, all_weights) not in done]
         step = finished_step(run.folder)

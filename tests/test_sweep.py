@@ -12,6 +12,7 @@ from dydit_lab.cli import main
 from dydit_lab.evaluation.results import read_results
 from dydit_lab.sweep import plan_runs, read_spec, run_spec
 from dydit_lab.training.dydit import FinetuneConfig, finetune
+from tests.helpers import cli_error
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,14 @@ def test_dry_run_changes_nothing(tmp_path, tiny_parent, capsys):
     main(["sweep", "--spec", str(write_spec(tmp_path, tiny_parent)), "--dry-run"])
     assert capsys.readouterr().out.count(": train") == 2
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results.csv").exists()
+
+
+def test_only_restricts_the_grid_and_names_a_bad_key(tmp_path, tiny_parent, capsys):
+    main(["sweep", "--spec", str(write_spec(tmp_path, tiny_parent)), "--dry-run", "--only", "target_ratio=0.9"])
+    out = capsys.readouterr().out
+    assert "target_ratio=0.9: train" in out and "target_ratio=0.5" not in out
+    err = cli_error(capsys, ["sweep", "--spec", str(write_spec(tmp_path, tiny_parent)), "--only", "seed=0"])
+    assert "seed=0" in err and "target_ratio" in err
 
 
 @pytest.mark.parametrize("name", ["lambda", "controls", "ablations", "parents-S", "parents-L"])
