@@ -158,10 +158,38 @@ def compare_strategies(names: list[str] | None = None, num_samples: int = 1000, 
     return table
 
 
+POLICY_NAMES = {"fora": "FORA", "fbcache": "FBCache", "dbcache": "DBCache", "teacache": "TeaCache",
+                "toca": "ToCa", "l2c": "L2C"}
+
+
+def series_name(family: str, cache) -> str:
+    """The curve a row belongs to: its family, split by caching policy (``caching: FORA``), so
+    that settings of different policies are never joined into one line."""
+    if not isinstance(cache, str) or not cache:
+        return family
+    policy = cache.split(":")[0].split(",")[0]
+    return f"{family}: {POLICY_NAMES.get(policy, policy)}"
+
+
 def strategy_table(results: str | Path = RESULTS) -> pd.DataFrame:
-    """The strategy rows of ``results`` with numeric columns, cheapest first per family."""
+    """The strategy rows of ``results`` with numeric columns and their ``series`` (see
+    :func:`series_name`), cheapest first per series."""
     table = pd.read_csv(results)
     if "strategy" not in table.columns or table["strategy"].isna().all():
         raise FileNotFoundError(f"{results} has no strategy rows: run python -m dydit_lab compare")
     table = table.dropna(subset=["strategy"]).copy()
-    return table.sort_values(["strategy", "gflops_per_image"]).reset_index(drop=True)
+    caches = table["cache"] if "cache" in table.columns else pd.Series(None, index=table.index)
+    table["series"] = [series_name(f, c) for f, c in zip(table["strategy"], caches)]
+    return table.sort_values(["strategy", "series", "gflops_per_image"]).reset_index(drop=True)
+
+
+def pareto_front(cost, quality, higher_is_better: bool = False) -> list[int]:
+    """Positions of the points no other point beats on both cost (lower) and quality, by cost."""
+    points = sorted(range(len(cost)), key=lambda i: (cost[i], -quality[i] if higher_is_better else quality[i]))
+    front, best = [], None
+    for i in points:
+        q = quality[i] if higher_is_better else -quality[i]
+        if best is None or q > best:
+            front.append(i)
+            best = q
+    return front

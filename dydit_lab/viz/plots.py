@@ -22,6 +22,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from ..analysis.loss_gap import loss_gap
 from ..analysis.loss_maps import PatchLossMaps, normalize_maps
+from ..evaluation.strategies import pareto_front
 
 __all__ = ["plot_quality_vs_flops", "plot_strategies", "plot_speedup_vs_batch", "plot_speedup_vs_ratio",
            "plot_loss_curves", "plot_loss_maps", "plot_sample_grid", "save_figure"]
@@ -242,6 +243,16 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
 # ---------------------------------------------------------------------------
 
 
+def _finish_speedup_axes(ax: Axes, x_label: str, title: str, legend_size: float) -> None:
+    """The no-speed-up line, labels, legend and style shared by the speed-up plots."""
+    ax.axhline(1.0, color="black", lw=0.6)
+    ax.set_xlabel(x_label, fontsize=LABEL_SIZE)
+    ax.set_ylabel("speed-up over the static DiT (x)", fontsize=LABEL_SIZE)
+    ax.set_title(title, fontsize=TITLE_SIZE)
+    ax.legend(fontsize=legend_size)
+    _style(ax)
+
+
 def plot_speedup_vs_ratio(bench: pd.DataFrame, paper: pd.DataFrame | None = None,
                           ax: Axes | None = None) -> Figure:
     """Measured speed-up vs FLOPs fraction (sliced and masked), the ideal 1/x, paper points."""
@@ -259,12 +270,7 @@ def plot_speedup_vs_ratio(bench: pd.DataFrame, paper: pd.DataFrame | None = None
     if paper is not None:
         ax.scatter(paper["flops_ratio"], paper["speedup"], marker="*", s=160, color=PALETTE[2],
                    label="DyDiT-XL paper (V100)", zorder=4)
-    ax.axhline(1.0, color="black", lw=0.6)
-    ax.set_xlabel("FLOPs fraction of the static DiT", fontsize=LABEL_SIZE)
-    ax.set_ylabel("speed-up over the static DiT (x)", fontsize=LABEL_SIZE)
-    ax.set_title("Wall-clock speed-up vs FLOPs", fontsize=TITLE_SIZE)
-    ax.legend(fontsize=8)
-    _style(ax)
+    _finish_speedup_axes(ax, "FLOPs fraction of the static DiT", "Wall-clock speed-up vs FLOPs", legend_size=8)
     return fig
 
 
@@ -284,12 +290,7 @@ def plot_speedup_vs_batch(bench: pd.DataFrame, ax: Axes | None = None) -> Figure
                 label=f"masked, ratio {target}, {where}")
         ax.axhline(1 / target, color=color, ls=":", lw=1)
     ax.set_xscale("log", base=2)
-    ax.axhline(1.0, color="black", lw=0.6)
-    ax.set_xlabel("batch size (images)", fontsize=LABEL_SIZE)
-    ax.set_ylabel("speed-up over the static DiT (x)", fontsize=LABEL_SIZE)
-    ax.set_title("Speed-up vs batch size (dotted: ideal)", fontsize=TITLE_SIZE)
-    ax.legend(fontsize=7)
-    _style(ax)
+    _finish_speedup_axes(ax, "batch size (images)", "Speed-up vs batch size (dotted: ideal)", legend_size=7)
     return fig
 
 
@@ -348,31 +349,47 @@ def label_offsets(ax: Axes, points, texts, anchors, fontsize: float = 8.0, gap: 
     return offsets
 
 
+def _series_colours(names) -> dict:
+    """One colour per series (the colour-blind palette, then tab20 when there are more)."""
+    names = list(dict.fromkeys(names))
+    colours = PALETTE if len(names) <= len(PALETTE) else sns.color_palette("tab20", len(names))
+    return dict(zip(names, colours))
+
+
 def plot_strategies(table: pd.DataFrame) -> Figure:
     """Quality (FD-LeNet, class accuracy) vs compute (GFLOPs per image) and vs measured
-    wall-clock per image, one line per strategy family, each point labelled by its setting."""
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9), layout="constrained")
+    wall-clock per image: one line per strategy series (a caching policy is its own series),
+    each point labelled by its setting, the Pareto front over every point drawn behind."""
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10), layout="constrained")
     panels = [("gflops_per_image", "GFLOPs per image (whole sampling run)"),
               ("seconds_per_image", "CPU wall-clock per image (s)")]
-    metrics = [("fd_lenet", "FD-LeNet (lower is better)"), ("accuracy", "class accuracy (higher is better)")]
-    for row, (metric, metric_label) in zip(axes, metrics):
+    metrics = [("fd_lenet", "FD-LeNet (lower is better)", False),
+               ("accuracy", "class accuracy (higher is better)", True)]
+    series = table["series"] if "series" in table else table["strategy"]
+    colours = _series_colours(series)
+    for row, (metric, metric_label, higher) in zip(axes, metrics):
         for ax, (x, x_label) in zip(row, panels):
+            front = pareto_front(list(table[x]), list(table[metric]), higher_is_better=higher)
+            ax.step(table[x].iloc[front], table[metric].iloc[front], where="post", color="grey", lw=5,
+                    alpha=0.3, zorder=1, label="Pareto front")
             placed = []
-            for i, (family, group) in enumerate(table.groupby("strategy", sort=False)):
+            for name, group in table.groupby(series, sort=False):
                 group = group.sort_values(x)
-                ax.plot(group[x], group[metric], marker=STRATEGY_MARKERS.get(family, "o"), ms=7,
-                        color=PALETTE[i], label=family)
-                placed.extend((r[x], r[metric], display_name(r["setting"]), PALETTE[i])
+                family = group["strategy"].iloc[0]
+                ax.plot(group[x], group[metric], marker=STRATEGY_MARKERS.get(family, "D"), ms=6,
+                        color=colours[name], label=name, zorder=3)
+                placed.extend((r[x], r[metric], display_name(r["setting"]), colours[name])
                               for _, r in group.iterrows())
             offsets = label_offsets(ax, [(a, b) for a, b, _, _ in placed], [t for _, _, t, _ in placed],
-                                    [4] * len(placed), fontsize=7)
+                                    [4] * len(placed), fontsize=6.5)
             for (px, py, text, colour), dy in zip(placed, offsets):
-                ax.annotate(text, (px, py), fontsize=7, color=colour, xytext=(4, dy), textcoords="offset points")
+                ax.annotate(text, (px, py), fontsize=6.5, color=colour, xytext=(4, dy), textcoords="offset points")
             ax.set_xlabel(x_label, fontsize=LABEL_SIZE)
             ax.set_ylabel(metric_label, fontsize=LABEL_SIZE)
             ax.grid(alpha=0.3)
             _style(ax)
-    axes[0][0].legend(title="strategy")
-    fig.suptitle("Spending less compute per image: static step count vs DyDiT vs FlexiDiT "
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="strategy", loc="outside right center", fontsize=8)
+    fig.suptitle("Spending less compute per image: fewer steps, DyDiT, FlexiDiT and feature caching "
                  "(same parent, DiT-lab-L)", fontsize=TITLE_SIZE)
     return fig

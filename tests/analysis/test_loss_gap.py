@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy import stats
 
 from dydit_lab.analysis.loss_gap import (loss_gap, per_timestep_loss, sample_image_indices, summarize_gap,

@@ -2,13 +2,10 @@
 
 import pytest
 
-from dydit_lab.evaluation.strategies import RESULTS, STRATEGIES, compare_strategies, select, strategy_table
+from dydit_lab.evaluation.strategies import (RESULTS, STRATEGIES, compare_strategies, pareto_front, select,
+                                             series_name, strategy_table)
 from dydit_lab.paths import CHECKPOINT_DIR, RESULTS_CSV
 from dydit_lab.viz.figures import dynamic_strategies_figure
-
-
-
-
 
 
 def test_select_by_name_or_family():
@@ -47,7 +44,6 @@ def test_compare_writes_rows_and_the_figure_reads_them(strategy_checkpoints, tmp
                            quality=False, progress=False)
 
 
-
 def test_compare_names_missing_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="DyDiT-lab-L-0.5.pt"):
         compare_strategies(["DyDiT"], checkpoint_dir=tmp_path, results=None, progress=False)
@@ -60,3 +56,22 @@ def test_strategies_name_committed_checkpoints_and_default_results():
         assert strategy.name.startswith(strategy.family)
         assert (CHECKPOINT_DIR / strategy.checkpoint).suffix == ".pt"
     assert len({s.name for s in STRATEGIES}) == len(STRATEGIES)
+
+
+def test_series_split_caching_rows_by_policy():
+    assert series_name("static", None) == "static" and series_name("DyDiT", float("nan")) == "DyDiT"
+    assert series_name("caching", "fora:2") == "caching: FORA"
+    assert series_name("caching", "dbcache:0.1,first=1,last=1") == "caching: DBCache"
+    assert series_name("DyDiT + caching", "toca:0.3,interval=3") == "DyDiT + caching: ToCa"
+    assert {series_name(s.family, s.cache) for s in STRATEGIES if s.family == "caching"} == {
+        f"caching: {p}" for p in ("FORA", "FBCache", "DBCache", "TeaCache", "ToCa", "L2C")}
+
+
+@pytest.mark.parametrize("higher", [False, True])
+def test_pareto_front_keeps_only_unbeaten_points(higher):
+    cost = [1.0, 2.0, 2.0, 3.0, 4.0]
+    quality = [10.0, 8.0, 12.0, 9.0, 5.0]  # lower is better unless ``higher``
+    signed = [-q for q in quality] if higher else quality
+    front = pareto_front(cost, signed, higher_is_better=higher)
+    assert front == [0, 1, 4]
+    assert pareto_front([], []) == []

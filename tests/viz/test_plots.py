@@ -2,6 +2,8 @@
 
 import copy
 
+import pandas as pd
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -14,10 +16,12 @@ from matplotlib.figure import Figure  # noqa: E402
 from dydit_lab import create_model  # noqa: E402
 from dydit_lab.analysis.loss_gap import loss_gap, per_timestep_loss  # noqa: E402
 from dydit_lab.analysis.loss_maps import patch_loss_maps  # noqa: E402
+from dydit_lab.evaluation.strategies import series_name  # noqa: E402
 from dydit_lab.viz.plots import (  # noqa: E402
     plot_loss_curves,
     plot_loss_maps,
     plot_sample_grid,
+    plot_strategies,
     save_figure,
 )
 
@@ -105,3 +109,20 @@ def test_save_figure_writes_png(setup, tmp_path):
     assert path.exists() and path.stat().st_size > 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plt.fignum_exists(fig.number)
+
+
+def test_plot_strategies_draws_each_caching_policy_as_its_own_line():
+    rows = [("static", "10 steps", None, 1.0, 40.0), ("static", "50 steps", None, 5.0, 20.0),
+            ("caching", "FORA N = 2", "fora:2", 2.8, 25.0), ("caching", "FORA N = 3", "fora:3", 2.0, 30.0),
+            ("caching", "ToCa 30% every 2", "toca:0.3,interval=2", 3.5, 22.0),
+            ("DyDiT + caching", "lambda = 0.5 + FORA N = 2", "fora:2", 1.5, 26.0)]
+    table = pd.DataFrame(rows, columns=["strategy", "setting", "cache", "gflops_per_image", "fd_lenet"])
+    table["series"] = [series_name(f, c) for f, c in zip(table["strategy"], table["cache"])]
+    table["seconds_per_image"] = table["gflops_per_image"] / 10
+    table["accuracy"] = 1 - table["fd_lenet"] / 100
+    fig = plot_strategies(table)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"static", "caching: FORA", "caching: ToCa", "DyDiT + caching: FORA", "Pareto front"}
+    assert list(lines["caching: FORA"].get_xdata()) == [2.0, 2.8]
+    # The front over all points: FORA N = 3 (2.0 GFLOPs, FD 30) is beaten by DyDiT + FORA (1.5, 26).
+    assert list(lines["Pareto front"].get_xdata()) == [1.0, 1.5, 2.8, 3.5, 5.0]
