@@ -2,11 +2,16 @@
 and their gap. DyDiT argues the gap is small at noisy timesteps, so a narrower model suffices
 there (timestep-wise dynamic width). Samples are paired (same x0, t and noise for every model),
 so the gap gets tight confidence intervals.
+
+Two kinds of spread are kept apart: the *evaluation-noise* interval (which images and noise
+were drawn; :func:`loss_gap`) and the *between-seed* range (which training run of each size
+was measured; :func:`per_run_loss`, :func:`seed_gap`).
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -15,6 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..checkpoints import load_model
 from ..diffusion import NUM_TIMESTEPS
 from .common import _SEED_STRIDE, _as_batch, _as_timesteps, _diffusion_for, _evaluating, _t_critical
 
@@ -210,3 +216,131 @@ def summarize_gap(gap_df: pd.DataFrame, bins: int = 4, num_timesteps: int = NUM_
             "frac_t_significant": (part["gap_lo"] > 0).mean() if m else np.nan,
         })
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------
+# Several training runs (seeds) per model size
+# ---------------------------------------------------------------------------
+
+
+def per_run_loss(checkpoints: Mapping[str, Sequence], images, labels,
+                 timesteps: Iterable[int] = range(NUM_TIMESTEPS), samples_per_t: int = 16,
+                 batch_size: int = 256, seed: int = 0, device="cpu",
+                 progress: bool = True) -> pd.DataFrame:
+    """:func:`per_timestep_loss` of several training runs (one per training seed) of each size.
+
+    ``checkpoints`` maps a size name to its runs, e.g. ``{"DiT-lab-S": [s0, s1], "DiT-lab-L":
+    [l0, l1]}``; a run is a checkpoint path (read with :func:`~dydit_lab.load_model` onto
+    ``device``) or a model already on ``device``. One list may hold a single run. Every run
+    of every size is evaluated in one pass on the same images, timesteps and noise, so any
+    two runs pair sample by sample.
+
+    Returns the columns of :func:`per_timestep_loss` plus ``run`` (position of the run in its
+    size's list): ``model`` (the size name), ``run``, ``t``, ``sample``, ``mse``;
+    ``attrs["runs"]`` names each size's runs (file stem, or ``run <i>`` for a model).
+    """
+    if not checkpoints:
+        raise ValueError("need at least one model size")
+    keys, models, runs = [], {}, {}
+    for size, entries in checkpoints.items():
+        entries = list(entries)
+        if not entries:
+            raise ValueError(f"no checkpoints for {size!r}")
+        runs[size] = []
+        for i, entry in enumerate(entries):
+            key = str(len(keys))  # internal name: sizes or runs may share file names
+            keys.append((size, i))
+            models[key] = entry if isinstance(entry, nn.Module) else load_model(entry, device=device)
+            runs[size].append(f"run {i}" if isinstance(entry, nn.Module) else Path(entry).stem)
+    df = per_timestep_loss(models, images, labels, timesteps=timesteps, samples_per_t=samples_per_t,
+                           batch_size=batch_size, seed=seed, device=device, progress=progress)
+    which = df["model"].astype(int)
+    out = pd.DataFrame({
+        "model": np.array([keys[k][0] for k in which], dtype=object),
+        "run": np.array([keys[k][1] for k in which], dtype=np.int64),
+        "t": df["t"], "sample": df["sample"], "mse": df["mse"],
+    })
+    out.attrs["runs"] = runs
+    return out
+
+
+def _with_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a ``run`` column (all 0 for the output of :func:`per_timestep_loss`)."""
+    return df if "run" in df.columns else df.assign(run=0)
+
+
+def pair_gaps(df: pd.DataFrame, small: str, large: str, smooth: int = 1,
+              confidence: float = 0.95) -> pd.DataFrame:
+    """:func:`loss_gap` of every pair (run i of ``small``, run j of ``large``), stacked.
+
+    ``df``: the output of :func:`per_run_loss` (or of :func:`per_timestep_loss`: one run each).
+    Returns :func:`loss_gap`'s columns plus ``small_run`` and ``large_run``; one row per pair
+    and timestep.
+    """
+    df = _with_runs(df)
+    frames = []
+    for i in sorted(df.loc[df["model"] == small, "run"].unique()):
+        for j in sorted(df.loc[df["model"] == large, "run"].unique()):
+            pick = (((df["model"] == small) & (df["run"] == i))
+                    | ((df["model"] == large) & (df["run"] == j)))
+            gap = loss_gap(df[pick].drop(columns="run"), small, large, smooth, confidence)
+            frames.append(gap.assign(small_run=int(i), large_run=int(j)))
+    if not frames:  # a name that is not in df: let loss_gap say which
+        loss_gap(df.drop(columns="run"), small, large, smooth, confidence)
+    return pd.concat(frames, ignore_index=True)
+
+
+def seed_gap(df: pd.DataFrame, small: str, large: str, smooth: int = 1,
+             confidence: float = 0.95) -> pd.DataFrame:
+    """The gap of the run-averaged models with its evaluation-noise interval and between-seed range.
+
+    Each sample's loss is first averaged over the runs of each size; :func:`loss_gap` of those
+    averages gives ``gap`` and its ``confidence`` interval ``gap_lo``/``gap_hi``, which
+    measures only the evaluation noise (images and noise drawn), as before.
+
+    The between-seed band is the **min–max over all pairs of small × large runs** (2 x 2
+    runs: 4 pairs) of each pair's own gap at each t (``seed_lo``/``seed_hi``) and relative
+    gap (``relative_seed_lo``/``relative_seed_hi``), each smoothed like ``gap``. It is a range,
+    not a confidence interval: with two runs per size it shows how far the gap moves when
+    either model is retrained, nothing more. With one run per size there is no band: those
+    columns are NaN and ``attrs["pairs"] == 1``.
+
+    Returns :func:`loss_gap`'s columns plus the four band columns; ``attrs`` add ``pairs``
+    and ``runs`` (runs per size). With one run per size ``gap`` equals :func:`loss_gap`'s.
+    """
+    df = _with_runs(df)
+    mean = (df[df["model"].isin([small, large])]
+            .groupby(["model", "t", "sample"], as_index=False)["mse"].mean())
+    out = loss_gap(mean, small, large, smooth=smooth, confidence=confidence)
+    pairs = pair_gaps(df, small, large, smooth=smooth, confidence=confidence)
+    n_pairs = len(pairs[["small_run", "large_run"]].drop_duplicates())
+    band = pairs.groupby("t")[["gap", "relative_gap"]].agg(["min", "max"]).loc[out["t"]]
+    for column, source, stat in (("seed_lo", "gap", "min"), ("seed_hi", "gap", "max"),
+                                 ("relative_seed_lo", "relative_gap", "min"),
+                                 ("relative_seed_hi", "relative_gap", "max")):
+        out[column] = band[(source, stat)].to_numpy() if n_pairs > 1 else np.nan
+    out.attrs.update(pairs=n_pairs, runs={name: int(df.loc[df["model"] == name, "run"].nunique())
+                                         for name in (small, large)})
+    return out
+
+
+def summarize_seed_gap(df: pd.DataFrame, small: str, large: str, bins: int = 4,
+                       confidence: float = 0.95, num_timesteps: int = NUM_TIMESTEPS) -> pd.DataFrame:
+    """:func:`summarize_gap` of the run-averaged gap, plus the between-seed range per range of t.
+
+    ``df``: the output of :func:`per_run_loss`. Adds ``seed_lo``/``seed_hi`` and
+    ``relative_seed_lo``/``relative_seed_hi``: the min–max over all small × large pairs of
+    runs of each pair's mean gap (relative gap) in the range, and ``pairs``; the band columns
+    are NaN with one run per size.
+    """
+    summary = summarize_gap(seed_gap(df, small, large, confidence=confidence), bins, num_timesteps)
+    per_pair = [summarize_gap(gap, bins, num_timesteps)[["gap", "relative_gap"]].to_numpy()
+                for _, gap in pair_gaps(df, small, large, confidence=confidence)
+                .groupby(["small_run", "large_run"])]
+    stacked = np.stack(per_pair)  # (pairs, bins, 2)
+    several = len(per_pair) > 1
+    for k, column in enumerate(("seed", "relative_seed")):
+        summary[f"{column}_lo"] = stacked[:, :, k].min(axis=0) if several else np.nan
+        summary[f"{column}_hi"] = stacked[:, :, k].max(axis=0) if several else np.nan
+    summary["pairs"] = len(per_pair)
+    return summary

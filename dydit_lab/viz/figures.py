@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from ..analysis.loss_gap import loss_gap, per_timestep_loss, summarize_gap
+from ..analysis.loss_gap import per_run_loss, summarize_seed_gap
 from ..analysis.loss_maps import patch_loss_maps, stroke_concentration
 from ..analysis.routing import trace_sampling
 from ..checkpoints import load_model
@@ -25,8 +25,9 @@ from ..evaluation.strategies import select, strategy_table
 from ..flops import analytic_flops, num_tokens, schedule_flops
 from ..models.configs import get_config
 from ..paths import BENCH_DIR, CHECKPOINT_DIR, FIGURES_DIR, RESULTS_CSV
-from .plots import (plot_loss_curves, plot_loss_maps, plot_quality_vs_flops, plot_sample_grid,
-                    plot_speedup_vs_batch, plot_speedup_vs_ratio, plot_strategies, save_figure)
+from .gap_plots import plot_gap_panels
+from .plots import (plot_loss_maps, plot_quality_vs_flops, plot_sample_grid, plot_speedup_vs_batch,
+                    plot_speedup_vs_ratio, plot_strategies, save_figure)
 from .routing_plots import (plot_flops_per_step, plot_token_keep, plot_token_map, plot_width_curves,
                             plot_width_heatmap)
 LAB_MODELS = ("DiT-lab-S", "DiT-lab-L")
@@ -80,17 +81,22 @@ def sample_grid_figure(name: str, num: int = 50, steps: int = 50, seed: int = 0,
 LOSS_GAP_TITLE = "Noise-prediction loss: small vs large lab DiT (MNIST val)"
 
 
-def loss_gap_figure(timesteps=range(0, 1000, 2), samples_per_t: int = 24, smooth: int = 9,
-                    device="cpu", progress: bool = True):
-    """Per-timestep loss of the small and the large lab model on the same images and noise,
-    their gap with a 95 % band; returns (Figure, summary per quarter of the timesteps).
-    Notebook 01 makes the same calls one by one."""
-    models = lab_models(LAB_MODELS, device)
+def loss_gap_figure(checkpoints: Mapping[str, Sequence] | None = None, timesteps=range(0, 1000, 2),
+                    samples_per_t: int = 24, smooth: int = 9, device="cpu", progress: bool = True):
+    """Per-timestep loss of a small and a large model on the same images and noise, the absolute
+    and the relative gap with their 95 % evaluation-noise band and, with several training runs
+    per size, the between-seed range; returns (Figure, summary per quarter of the timesteps).
+
+    ``checkpoints``: size name -> checkpoint paths, one per training seed, small size first
+    (default: the committed DiT-lab-S and DiT-lab-L, one run each). Notebook 01 makes the same
+    calls one by one."""
+    checkpoints = checkpoints or {name: [checkpoint_path(name)] for name in LAB_MODELS}
+    small, large = checkpoints
     images, labels = mnist_split("val").tensors
-    losses = per_timestep_loss(models, images, labels, timesteps=timesteps, samples_per_t=samples_per_t,
-                               device=device, progress=progress)
-    fig = plot_loss_curves(losses, *LAB_MODELS, smooth=smooth, relative=True, title=LOSS_GAP_TITLE)
-    return fig, summarize_gap(loss_gap(losses, *LAB_MODELS, smooth=1))
+    losses = per_run_loss(checkpoints, images, labels, timesteps=timesteps, samples_per_t=samples_per_t,
+                          device=device, progress=progress)
+    fig = plot_gap_panels(losses, small, large, smooth=smooth, title=LOSS_GAP_TITLE)
+    return fig, summarize_seed_gap(losses, small, large)
 
 
 # ---------------------------------------------------------------------------

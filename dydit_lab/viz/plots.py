@@ -1,5 +1,5 @@
-"""Figures for the DyDiT analyses: loss curves, patch loss maps, sample grids, speed-up and
-quality vs compute (router schedules are in :mod:`.routing_plots`).
+"""Figures for the DyDiT analyses: patch loss maps, sample grids, speed-up and quality vs
+compute (loss curves and gaps are in :mod:`.gap_plots`, router schedules in :mod:`.routing_plots`).
 
 Headless-safe: nothing here calls ``plt.show()``; every function returns its Figure (which a
 notebook displays) and :func:`save_figure` writes and closes it. Colours come from
@@ -18,14 +18,12 @@ import seaborn as sns
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from ..analysis.loss_gap import loss_gap
 from ..analysis.loss_maps import PatchLossMaps, normalize_maps
 from ..evaluation.strategies import pareto_front
 
 __all__ = ["plot_quality_vs_flops", "plot_strategies", "plot_speedup_vs_batch", "plot_speedup_vs_ratio",
-           "plot_loss_curves", "plot_loss_maps", "plot_sample_grid", "save_figure"]
+           "plot_loss_maps", "plot_sample_grid", "save_figure"]
 
 PALETTE = sns.color_palette("colorblind")
 T_LABEL = "timestep t (0 = clean, 999 = pure noise)"
@@ -53,82 +51,6 @@ def _image_array(img) -> np.ndarray:
     """(C, H, W) in [-1, 1] -> (H, W) or (H, W, 3) in [0, 1] for imshow."""
     arr = torch.as_tensor(img).detach().float().cpu().clamp(-1, 1).add(1).div(2).numpy()
     return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
-
-
-# ---------------------------------------------------------------------------
-# Loss curves (Figure 1(a))
-# ---------------------------------------------------------------------------
-
-
-def _plain_log_ticks(ax: Axes, values: np.ndarray) -> None:
-    """Plain numbers on a log axis; label minor ticks too when less than a decade is shown."""
-    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
-    ax.yaxis.set_major_formatter(plain)
-    finite = values[np.isfinite(values) & (values > 0)]
-    narrow = finite.size and finite.max() / finite.min() < 10
-    # Within one decade there may be no major tick at all, so the minor ones carry the scale.
-    ax.yaxis.set_minor_formatter(plain if narrow else NullFormatter())
-
-
-def _gap_from(data: pd.DataFrame, small, large, smooth: int, confidence: float):
-    """(gap DataFrame, small name, large name) from a long or an already computed gap df."""
-    if "gap" in data.columns:
-        return (data, small or data.attrs.get("small", "small"),
-                large or data.attrs.get("large", "large"))
-    if small is None or large is None:
-        models = list(pd.unique(data["model"]))
-        if len(models) != 2:
-            raise ValueError(f"{len(models)} models: name the pair with small= and large=")
-        small, large = models  # documented: first model is the small one
-    return loss_gap(data, small, large, smooth=smooth, confidence=confidence), small, large
-
-
-def plot_loss_curves(data: pd.DataFrame, small: str | None = None, large: str | None = None, *,
-                     smooth: int = 1, confidence: float = 0.95, relative: bool = False,
-                     axes: Sequence[Axes] | None = None, fig: Figure | None = None,
-                     title: str | None = None) -> Figure:
-    """Per-timestep loss of two models (log scale, top) and their gap with its band (bottom).
-
-    ``data`` is either the long output of :func:`~dydit_lab.analysis.per_timestep_loss`
-    (with two models, or the pair named by ``small``/``large``; with exactly two and no
-    names, the first listed is taken as small) or the output of
-    :func:`~dydit_lab.analysis.loss_gap` (then ``smooth``/``confidence`` are its own).
-    ``relative=True`` plots the gap divided by the large model's loss (band likewise
-    divided, treating that loss as fixed). Draws into ``axes`` (two Axes) or ``fig`` if given.
-    """
-    gap, small, large = _gap_from(data, small, large, smooth, confidence)
-    if axes is None:
-        if fig is None:
-            fig = plt.figure(figsize=(7.5, 6.5), layout="constrained")
-        axes = fig.subplots(2, 1, sharex=True)
-    ax_loss, ax_gap = axes
-    fig = ax_loss.figure
-    t = gap["t"].to_numpy()
-    for name, column, colour in ((small, "small", PALETTE[0]), (large, "large", PALETTE[1])):
-        ax_loss.plot(t, gap[column], color=colour, lw=1.5, label=name)
-    ax_loss.set_yscale("log")
-    _plain_log_ticks(ax_loss, gap[["small", "large"]].to_numpy())
-    ax_loss.set_ylabel("ε-prediction MSE (per pixel)", fontsize=LABEL_SIZE)
-    ax_loss.legend(fontsize=TICK_SIZE, frameon=False)
-
-    scale = gap["large"].to_numpy() if relative else 1.0
-    band = gap.attrs.get("confidence", confidence)
-    ax_gap.fill_between(t, gap["gap_lo"] / scale, gap["gap_hi"] / scale, color=PALETTE[2],
-                        alpha=0.3, lw=0, label=f"{band:.0%} CI")
-    ax_gap.plot(t, gap["gap"] / scale, color=PALETTE[2], lw=1.5, label=f"{small} − {large}")
-    ax_gap.axhline(0.0, color="0.3", lw=1, ls="--")
-    ax_gap.set_ylabel("relative gap (small − large) / large" if relative
-                      else "loss gap (small − large)", fontsize=LABEL_SIZE)
-    ax_gap.legend(fontsize=TICK_SIZE, frameon=False)
-    ax_gap.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
-    for ax in (ax_loss, ax_gap):
-        ax.set_xlim(t.min(), t.max())
-        ax.grid(alpha=0.3)
-        _style(ax)
-    window = gap.attrs.get("smooth", 1)
-    suffix = f" (rolling mean over {window} timesteps)" if window > 1 else ""
-    ax_loss.set_title(title or f"Noise-prediction loss per timestep{suffix}", fontsize=TITLE_SIZE)
-    return fig
 
 
 # ---------------------------------------------------------------------------

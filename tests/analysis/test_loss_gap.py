@@ -8,12 +8,11 @@ import pytest
 import torch
 from scipy import stats
 
-from dydit_lab.analysis.loss_gap import (loss_gap, per_timestep_loss, sample_image_indices, summarize_gap,
-                                         timestep_noise)
+from dydit_lab.analysis.loss_gap import (loss_gap, pair_gaps, per_run_loss, per_timestep_loss,
+                                         sample_image_indices, seed_gap, summarize_gap,
+                                         summarize_seed_gap, timestep_noise)
 from dydit_lab.diffusion import GaussianDiffusion
 from tests.helpers import tiny_model
-
-
 
 
 class ZeroEps(torch.nn.Module):
@@ -171,6 +170,89 @@ def test_summarize_gap_of_smoothed_curve_has_no_band():
     assert summary["gap_lo"].isna().all() and summary["gap"].notna().all()
 
 
+# ---------------------------------------------------------------------------
+# Several training runs per size: the between-seed band
+# ---------------------------------------------------------------------------
 
 
+def test_per_run_loss_pairs_every_run_on_the_same_inputs(batch, tmp_path):
+    path = tmp_path / "small-seed1.pt"
+    torch.save({"ema": tiny_model(1).state_dict(), "args": {"arch": "DiT-lab-T"}}, path)
+    runs = {"S": [tiny_model(0), path], "L": [tiny_model(2), tiny_model(3)]}
+    df = per_run_loss(runs, *batch, timesteps=TS, samples_per_t=3, batch_size=4, progress=False)
+    assert list(df.columns) == ["model", "run", "t", "sample", "mse"]
+    assert len(df) == 4 * len(TS) * 3
+    assert df.groupby(["model", "run"]).size().eq(len(TS) * 3).all()
+    assert df.attrs["runs"] == {"S": ["run 0", "small-seed1"], "L": ["run 0", "run 1"]}
+    # each run's losses are what per_timestep_loss gives for that model alone (same x_t)
+    alone = per_timestep_loss({"S": tiny_model(1)}, *batch, timesteps=TS, samples_per_t=3,
+                              progress=False)
+    got = df[(df["model"] == "S") & (df["run"] == 1)]["mse"].to_numpy()
+    np.testing.assert_allclose(got, alone["mse"].to_numpy(), rtol=1e-5)
 
+
+def test_per_run_loss_needs_runs(batch):
+    with pytest.raises(ValueError, match="no checkpoints"):
+        per_run_loss({"S": [tiny_model()], "L": []}, *batch, timesteps=TS, progress=False)
+
+
+def _fake_runs(offsets_small, offsets_large, ts=range(4), n=6, seed=0):
+    """Long df with runs: small run i has loss 1 + offsets_small[i] + paired noise, large run j
+    1 + offsets_large[j] (+ the same per-sample noise, so evaluation noise is shared)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t in ts:
+        noise = rng.normal(0, 0.05, n)
+        for s in range(n):
+            rows += [("S", i, t, s, 1.0 + off + noise[s]) for i, off in enumerate(offsets_small)]
+            rows += [("L", j, t, s, 1.0 + off) for j, off in enumerate(offsets_large)]
+    return pd.DataFrame(rows, columns=["model", "run", "t", "sample", "mse"])
+
+
+def test_seed_gap_band_is_min_max_over_all_pairs():
+    df = _fake_runs([0.3, 0.5], [0.0, 0.1])  # pair gaps 0.3, 0.2, 0.5, 0.4 (+ noise)
+    gap = seed_gap(df, "S", "L")
+    assert gap.attrs["pairs"] == 4 and gap.attrs["runs"] == {"S": 2, "L": 2}
+    pairs = pair_gaps(df, "S", "L")
+    assert len(pairs) == 4 * 4 and set(zip(pairs["small_run"], pairs["large_run"])) == {
+        (0, 0), (0, 1), (1, 0), (1, 1)}
+    by_t = pairs.groupby("t")
+    np.testing.assert_allclose(gap["seed_lo"], by_t["gap"].min())
+    np.testing.assert_allclose(gap["seed_hi"], by_t["gap"].max())
+    np.testing.assert_allclose(gap["relative_seed_hi"], by_t["relative_gap"].max())
+    np.testing.assert_allclose(gap["seed_hi"] - gap["seed_lo"], 0.3, atol=1e-9)
+    # the curve is the gap of the run averages, with its evaluation-noise interval
+    mean = df.groupby(["model", "t", "sample"], as_index=False)["mse"].mean()
+    plain = loss_gap(mean, "S", "L")
+    np.testing.assert_allclose(gap["gap"], plain["gap"])
+    np.testing.assert_allclose(gap["gap_lo"], plain["gap_lo"])
+    assert (gap["seed_lo"] <= gap["gap"]).all() and (gap["gap"] <= gap["seed_hi"]).all()
+
+
+def test_seed_gap_with_one_run_per_size_has_no_band():
+    df = _fake_runs([0.3], [0.0])
+    gap = seed_gap(df, "S", "L", smooth=3)
+    assert gap.attrs["pairs"] == 1
+    assert gap[["seed_lo", "seed_hi", "relative_seed_lo", "relative_seed_hi"]].isna().all().all()
+    plain = loss_gap(df.drop(columns="run"), "S", "L", smooth=3)
+    pd.testing.assert_frame_equal(gap[plain.columns], plain)
+    # the output of per_timestep_loss (no run column) counts as one run each
+    assert seed_gap(df.drop(columns="run"), "S", "L").attrs["pairs"] == 1
+
+
+def test_seed_gap_smooths_the_pairs_like_the_curve():
+    df = _fake_runs([0.3, 0.5], [0.0], ts=range(6))
+    raw, smooth = seed_gap(df, "S", "L"), seed_gap(df, "S", "L", smooth=3)
+    expected = raw["seed_hi"].rolling(3, center=True, min_periods=1).mean()  # one large run: max = run 1
+    np.testing.assert_allclose(smooth["seed_hi"], expected)
+
+
+def test_summarize_seed_gap_ranges_per_quarter():
+    ts = range(0, 1000, 100)
+    summary = summarize_seed_gap(_fake_runs([0.3, 0.5], [0.0, 0.1], ts=ts), "S", "L")
+    assert list(summary["pairs"]) == [4] * 4
+    np.testing.assert_allclose(summary["seed_lo"], 0.2, atol=0.05)
+    np.testing.assert_allclose(summary["seed_hi"], 0.5, atol=0.05)
+    one = summarize_seed_gap(_fake_runs([0.3], [0.0], ts=ts), "S", "L")
+    assert one["seed_lo"].isna().all() and list(one["pairs"]) == [1] * 4
+    assert one["gap"].notna().all()

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 import dydit_lab
 from dydit_lab.analysis.routing import trace_sampling
@@ -75,3 +76,24 @@ def test_flops_tables():
     assert table.loc["DiT-lab-L", "gflops"] / table.loc["DiT-lab-S", "gflops"] > 5
     flexi = figures.flexidit_schedule_table()
     assert flexi["flops_fraction"].iloc[0] == 1 and flexi["flops_fraction"].is_monotonic_decreasing
+
+
+def test_loss_gap_figure_with_two_runs_per_size(tmp_path, monkeypatch):
+    digits = torch.rand(4, 1, 32, 32) * 2 - 1, torch.arange(4)
+    monkeypatch.setattr(figures, "mnist_split", lambda split: TensorDataset(*digits))  # not the 5,000
+    paths = {}
+    for size, seeds in (("S", (0, 1)), ("L", (2, 3))):
+        for seed in seeds:
+            torch.manual_seed(seed)
+            model = dydit_lab.create_model("DiT-lab-T")
+            for p in model.parameters():
+                p.data.normal_(0, 0.02)
+            paths.setdefault(size, []).append(tmp_path / f"{size}-seed{seed}.pt")
+            torch.save({"ema": model.state_dict(), "args": {"arch": "DiT-lab-T"}}, paths[size][-1])
+    fig, table = figures.loss_gap_figure(paths, timesteps=[0, 500], samples_per_t=2, smooth=1,
+                                         progress=False)
+    assert len(fig.axes) == 3 and "relative" in fig.axes[2].get_ylabel()
+    assert list(table["pairs"]) == [4] * 4 and table["seed_lo"].notna().any()
+    one, table = figures.loss_gap_figure({s: p[:1] for s, p in paths.items()}, timesteps=[0, 999],
+                                         samples_per_t=2, progress=False)
+    assert len(one.axes) == 3 and table["seed_lo"].isna().all()

@@ -1,7 +1,5 @@
 """Figures: return values, axes count and labels, saving."""
 
-import copy
-
 import pandas as pd
 
 import matplotlib
@@ -14,11 +12,9 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from dydit_lab import create_model  # noqa: E402
-from dydit_lab.analysis.loss_gap import loss_gap, per_timestep_loss  # noqa: E402
 from dydit_lab.analysis.loss_maps import patch_loss_maps  # noqa: E402
 from dydit_lab.evaluation.strategies import series_name  # noqa: E402
 from dydit_lab.viz.plots import (  # noqa: E402
-    plot_loss_curves,
     plot_loss_maps,
     plot_sample_grid,
     plot_strategies,
@@ -39,48 +35,13 @@ def setup():
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     model.eval()
-    other = copy.deepcopy(model)
-    for p in other.parameters():
-        p.data.mul_(1.1)
     images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     labels = torch.tensor([1, 2, 3])
-    df = per_timestep_loss({"S": model, "L": other}, images, labels, timesteps=range(0, 1000, 200),
-                           samples_per_t=3, progress=False)
-    return model, images, labels, df
-
-
-def _labelled(ax):
-    return bool(ax.get_xlabel()) and bool(ax.get_ylabel())
-
-
-def test_plot_loss_curves_from_long_df(setup):
-    *_, df = setup
-    fig = plot_loss_curves(df, "S", "L")
-    assert isinstance(fig, Figure) and len(fig.axes) == 2
-    top, bottom = fig.axes
-    assert top.get_ylabel() and _labelled(bottom)  # x is shared: labelled once, below
-    assert top.get_yscale() == "log"
-    assert "timestep t" in bottom.get_xlabel()
-    assert "gap" in bottom.get_ylabel()
-
-
-def test_plot_loss_curves_from_gap_df_into_given_axes(setup):
-    *_, df = setup
-    fig, axes = plt.subplots(1, 2)
-    out = plot_loss_curves(loss_gap(df, "S", "L", smooth=3), axes=axes, relative=True)
-    assert out is fig and len(fig.axes) == 2
-    assert "relative" in axes[1].get_ylabel()
-
-
-def test_plot_loss_curves_needs_a_pair(setup):
-    *_, df = setup
-    three = df.assign(model=df["model"].where(df["t"] > 0, "X"))
-    with pytest.raises(ValueError):
-        plot_loss_curves(three)
+    return model, images, labels
 
 
 def test_plot_loss_maps_grid(setup):
-    model, images, labels, _ = setup
+    model, images, labels = setup
     res = patch_loss_maps(model, images, labels, [100, 900])
     fig = plot_loss_maps(res, images, labels)
     assert isinstance(fig, Figure)
@@ -94,7 +55,7 @@ def test_plot_loss_maps_grid(setup):
 
 
 def test_plot_sample_grid(setup):
-    _, images, labels, _ = setup
+    _, images, labels = setup
     fig = plot_sample_grid(images, labels, nrow=2, title="samples")
     assert isinstance(fig, Figure) and len(fig.axes) == 1
     assert [t.get_text() for t in fig.axes[0].texts] == ["1", "2", "3"]
@@ -103,7 +64,7 @@ def test_plot_sample_grid(setup):
 
 
 def test_save_figure_writes_png(setup, tmp_path):
-    _, images, _, _ = setup
+    _, images, _ = setup
     fig = plot_sample_grid(images)
     path = save_figure(fig, tmp_path / "sub" / "grid.png")
     assert path.exists() and path.stat().st_size > 0
