@@ -1,6 +1,9 @@
 """Packaging: pyproject.toml and environment.yml list the same dependencies; CI calls make test."""
 
+import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -36,3 +39,13 @@ def test_no_torchvision_or_timm():
     assert "torchvision" not in text and "timm" not in text
     for path in (ROOT / "dydit_lab").rglob("*.py"):  # every subpackage too
         assert not re.search(r"^\s*(import|from) (torchvision|timm)\b", path.read_text(), re.M), path
+
+
+def test_notebook_kernels_import_this_checkout():
+    """The kernel notebooks run in (cwd notebooks/, so not the repo root) must import this
+    checkout's package: an editable install left pointing at another clone would test old code."""
+    kernel = json.loads((Path(sys.prefix) / "share/jupyter/kernels/python3/kernel.json").read_text())
+    found = subprocess.run([kernel["argv"][0], "-c", "import dydit_lab; print(dydit_lab.__file__)"],
+                           cwd=ROOT / "notebooks", capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(found).resolve() == (ROOT / "dydit_lab" / "__init__.py").resolve(), (
+        f"notebooks import {found}: run `make install` (or pip install -e .) in {ROOT}")
