@@ -48,6 +48,7 @@ class FinetuneConfig(LoopConfig):
     distill: float = 0.0  # regress on (1 - distill) * noise + distill * the parent's prediction (0: official)
     routers: str = "both"  # both; tdw: width routers only (every token kept); sdt: token routers only (full width)
     ema_decay: float = 0.995  # kept, but export the online weights: an EMA of router weights routes differently
+    routing_log_every: int = 50  # per-block widths and token keep-rates to routing.csv every N steps (0: off)
     ckpt_minutes: float = 4.0
     lr: float = 1e-4  # the DiT weights; routers use router_lr
 
@@ -119,10 +120,41 @@ def distillation_target(teacher: DyDiT, diffusion: GaussianDiffusion, x_t, t, y,
     return (1.0 - distill) * noise + distill * eps
 
 
+ROUTING_LOG_FIELDS = {
+    "block": "block index",
+    "heads": "mean fraction of attention heads on",
+    "heads_min": "the fewest heads any sample of the batch kept, as a fraction",
+    "groups": "mean fraction of MLP groups on",
+    "groups_min": "the fewest MLP groups any sample kept, as a fraction",
+    "tokens": "mean fraction of tokens through the MLP",
+    "tokens_low_t": "same, samples with t < 500 (the clean half)",
+    "tokens_high_t": "same, samples with t >= 500 (the noisy half)",
+}
+
+
+def per_block_routing(routing) -> list[dict]:
+    """One row per block of a training batch's routing (see ``ROUTING_LOG_FIELDS``): the
+    trajectory that tells a collapsing fine-tune (a block down to one head, token routers
+    stuck at all or nothing) from a healthy one."""
+    heads, groups = routing.heads.detach().float().mean(-1), routing.groups.detach().float().mean(-1)
+    tokens = routing.tokens.detach().float().mean(-1)  # each (B, depth)
+    low = routing.t < 500
+
+    def mean_of(mask):
+        return tokens[mask].mean(0) if mask.any() else torch.full_like(tokens[0], float("nan"))
+
+    columns = {"heads": heads.mean(0), "heads_min": heads.min(0).values, "groups": groups.mean(0),
+               "groups_min": groups.min(0).values, "tokens": tokens.mean(0),
+               "tokens_low_t": mean_of(low), "tokens_high_t": mean_of(~low)}
+    columns = {k: v.cpu().tolist() for k, v in columns.items()}
+    return [{"block": b, **{k: f"{v[b]:.4f}" for k, v in columns.items()}} for b in range(tokens.shape[1])]
+
+
 class DyDiTObjective(Objective):
     """Diffusion loss of the routed model + the FLOPs penalty; routers on their own objective."""
 
     log_fields = ["complete_loss", "flops_fraction", "target", "gumbel_noise", "heads", "groups", "tokens"]
+    detail_name, detail_fields = "routing", list(ROUTING_LOG_FIELDS)
 
     def __init__(self, cfg: FinetuneConfig):
         check_finetune_config(cfg)
@@ -186,7 +218,8 @@ class DyDiTObjective(Objective):
         log = {"loss": dynamic.item(), "complete_loss": complete.item(), "flops_fraction": fraction.item(),
                "target": target, "gumbel_noise": noise_scale, "heads": routing.heads.mean().item(),
                "groups": routing.groups.mean().item(), "tokens": routing.tokens.mean().item()}
-        return StepResult(loss, log, override)
+        due = cfg.routing_log_every and (batch.step + 1) % cfg.routing_log_every == 0
+        return StepResult(loss, log, override, detail=per_block_routing(routing) if due else None)
 
 
 def freeze_routers(model: DyDiT, which: str) -> None:

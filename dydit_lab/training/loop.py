@@ -68,12 +68,14 @@ class StepResult:
     """What an objective returns for one batch.
 
     ``override = (params, loss)`` gives those parameters the gradient of that loss instead of
-    ``loss`` (DyDiT's routers have their own objective).
+    ``loss`` (DyDiT's routers have their own objective). ``detail`` rows go to the run folder's
+    ``<objective.detail_name>.csv`` with ``objective.detail_fields`` (after ``step``).
     """
 
     loss: torch.Tensor
     log: dict
     override: tuple | None = None
+    detail: list[dict] | None = None  # rows for the objective's detail log (e.g. per block), when due
 
 
 class Objective:
@@ -81,6 +83,7 @@ class Objective:
 
     name = "train"
     log_fields: list[str] = []
+    detail_name, detail_fields = "", []  # a second CSV log (see StepResult.detail)
     find_unused_parameters = False  # DDP: some batches leave parameters unused (FlexiDiT)
 
     def build(self, device: torch.device) -> torch.nn.Module:
@@ -194,7 +197,8 @@ def restore_or_refuse(ckpt_path: Path, resume: bool, model, ema, opt, device="cp
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        drop_log_rows_after(ckpt_path.parent / "log.csv", state["step"])
+        for log in ckpt_path.parent.glob("*.csv"):
+            drop_log_rows_after(log, state["step"])
         return state["step"]
     if ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or pick another --out")
@@ -315,6 +319,9 @@ def run_training(cfg: LoopConfig, objective: Objective) -> Path:
                 tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                 model.train()
             append_log(log_path, row, fields)
+            for detail in result.detail or []:
+                append_log(out / f"{objective.detail_name}.csv", {"step": step, **detail},
+                           ["step", *objective.detail_fields])
             due = (step % cfg.ckpt_every == 0 or time.time() - last_save > 60 * cfg.ckpt_minutes
                    or step == cfg.steps)
             if due:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -9,8 +10,10 @@ import dydit_lab
 from dydit_lab.data import load_dataset
 from dydit_lab.diffusion import GaussianDiffusion
 from dydit_lab.models.dydit import DyDiT
-from dydit_lab.training.dydit import (PROFILE_BINS, DyDiTObjective, FinetuneConfig, distillation_target, finetune,
-                                      gumbel_noise_at, load_parent, loss_profile, relative_weights, target_at)
+from dydit_lab.models.routers import Routing
+from dydit_lab.training.dydit import (PROFILE_BINS, ROUTING_LOG_FIELDS, DyDiTObjective, FinetuneConfig,
+                                      distillation_target, finetune, gumbel_noise_at, load_parent, loss_profile,
+                                      per_block_routing, relative_weights, target_at)
 
 
 def test_target_schedule():
@@ -28,7 +31,6 @@ def test_gumbel_noise_fades_after_the_anneal():
     assert gumbel_noise_at(1199, FinetuneConfig(noise_off_step=0)) == 1.0  # the official constant noise
     with pytest.raises(ValueError, match="noise_off_step"):
         finetune(FinetuneConfig(anneal_steps=500, noise_off_step=400))
-
 
 
 def test_relative_weights_equalise_the_loss_across_t():
@@ -53,9 +55,6 @@ def test_loss_profile_is_the_complete_models_loss_per_bin():
     assert profile.shape == (PROFILE_BINS,) and (profile > 0).all()
 
 
-
-
-
 def test_finetune_smoke_moves_flops_toward_target(parent, tmp_path):
     cfg = FinetuneConfig(parent=str(parent), out=str(tmp_path / "ft"), target_ratio=0.5, steps=30,
                          hold_steps=2, anneal_steps=10, noise_off_step=20, batch_size=8, router_lr=0.5,
@@ -72,6 +71,35 @@ def test_finetune_smoke_moves_flops_toward_target(parent, tmp_path):
         finetune(cfg)
     finetune(FinetuneConfig(**{**cfg.__dict__, "steps": 32, "resume": True}))
     assert len((tmp_path / "ft" / "log.csv").read_text().splitlines()) == 33
+
+
+def test_routing_log_has_one_row_per_block_and_resumes_cleanly(parent, tmp_path):
+    cfg = FinetuneConfig(parent=str(parent), out=str(tmp_path / "ft"), steps=4, hold_steps=0, anneal_steps=1,
+                         noise_off_step=0, batch_size=8, routing_log_every=2, device="cpu")
+    finetune(cfg)
+    depth = dydit_lab.load_model(tmp_path / "ft" / "checkpoint.pt").config.depth
+    log = pd.read_csv(tmp_path / "ft" / "routing.csv")
+    assert list(log.columns) == ["step", *ROUTING_LOG_FIELDS]
+    assert list(log["step"]) == [2] * depth + [4] * depth and list(log["block"]) == list(range(depth)) * 2
+    fractions = log.drop(columns=["step", "block"])
+    assert ((fractions >= 0) & (fractions <= 1)).all().all()
+    assert (log["heads_min"] <= log["heads"]).all() and (log["groups_min"] <= log["groups"]).all()
+    # A run killed after logging step 4 but checkpointed at 2 repeats steps 3-4 once, not twice.
+    checkpoint = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
+    checkpoint["step"] = 2
+    torch.save(checkpoint, tmp_path / "ft" / "checkpoint.pt")
+    finetune(FinetuneConfig(**{**cfg.__dict__, "resume": True}))
+    assert list(pd.read_csv(tmp_path / "ft" / "routing.csv")["step"]) == [2] * depth + [4] * depth
+
+
+def test_per_block_routing_splits_the_batch_by_noise_level():
+    heads = torch.tensor([[[1.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])  # (B=2, depth=2, H=2)
+    tokens = torch.tensor([[[1.0, 1.0, 1.0, 1.0]] * 2, [[1.0, 0.0, 0.0, 0.0]] * 2])
+    rows = per_block_routing(Routing(heads, heads, tokens, torch.tensor([100, 900])))
+    assert [r["block"] for r in rows] == [0, 1]
+    assert rows[0]["heads"] == "0.7500" and rows[0]["heads_min"] == "0.5000" and rows[1]["heads_min"] == "0.0000"
+    assert rows[0]["tokens_low_t"] == "1.0000" and rows[0]["tokens_high_t"] == "0.2500"
+    assert rows[0]["tokens"] == "0.6250"
 
 
 def test_two_stages_relative_routers_and_noise_fade(parent, tmp_path):
