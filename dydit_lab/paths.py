@@ -13,6 +13,7 @@ CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 RESULTS_CSV = DATA_DIR / "results.csv"
 BENCH_DIR = DATA_DIR / "bench"
 DEFAULT_CLASSIFIER = DATA_DIR / "lenet_mnist.pt"
+SECOND_CLASSIFIER = DATA_DIR / "lenet_mnist_seed1.pt"  # the same LeNet trained with seed 1: checks the metric
 FIGURES_DIR = REPO_ROOT / "figures"
 CHECKPOINT_NAME = "checkpoint.pt"  # the resumable checkpoint inside a run folder
 

@@ -3,10 +3,16 @@
 ``FD-LeNet`` is the Frechet distance between Gaussian fits of the classifier's penultimate
 features (128-d) of generated and real digits; ``accuracy`` is the fraction of
 class-conditional samples the classifier assigns to the requested class.
+
+The metric is checked by a second judge: :class:`SampleEvaluator` also scores the same samples
+with a LeNet trained with another seed (``data/lenet_mnist_seed1.pt``) as ``fd_lenet_alt`` and
+``accuracy_alt``, so an ordering of two models can be tested under both classifiers
+(:func:`dydit_lab.evaluation.results.fd_orderings`).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -15,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import mnist_split
-from ..paths import DEFAULT_CLASSIFIER
+from ..paths import DEFAULT_CLASSIFIER, SECOND_CLASSIFIER, display_path
 from .sampling import generate
 
 
@@ -40,8 +46,22 @@ class LeNet(nn.Module):
 
 
 def train_classifier(out: str | Path = DEFAULT_CLASSIFIER, epochs: int = 15, seed: int = 0,
-                     progress: bool = True) -> dict[str, float]:
-    """Train LeNet on the MNIST train split (random +-2 px shifts), save it, return val accuracy."""
+                     progress: bool = True, overwrite: bool = False) -> dict:
+    """Train LeNet on the MNIST train split (random +-2 px shifts) and save it to ``out``.
+
+    Deterministic per ``seed`` (weights, batch order and shifts) at a given thread count.
+    The file holds ``state_dict``, ``val_accuracy`` (on the 500 held-out ``val`` digits),
+    ``seed`` and ``epochs``; the same keys come back with ``seconds`` of training and ``out``.
+    An existing ``out`` is an error unless ``overwrite``.
+    """
+    out = Path(out)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if out.is_dir():
+        raise ValueError(f"classifier output {out} is a directory; give a file such as {out / 'lenet.pt'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"classifier {out} exists: pass --overwrite (overwrite=True) to replace it")
+    start = time.perf_counter()
     torch.manual_seed(seed)
     train, val = mnist_split("train"), mnist_split("val")
     x, y = train.tensors
@@ -62,18 +82,35 @@ def train_classifier(out: str | Path = DEFAULT_CLASSIFIER, epochs: int = 15, see
     net.eval()
     with torch.no_grad():
         acc = (net(val.tensors[0]).argmax(1) == val.tensors[1]).float().mean().item()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": net.state_dict(), "val_accuracy": acc}, out)
-    return {"val_accuracy": acc}
+    record = {"val_accuracy": acc, "seed": seed, "epochs": epochs}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": net.state_dict(), **record}, out)
+    return {**record, "seconds": time.perf_counter() - start, "out": display_path(out)}
 
 
 def load_classifier(path: str | Path = DEFAULT_CLASSIFIER, device="cpu") -> LeNet:
+    """The LeNet saved at ``path`` (by :func:`train_classifier`), in eval mode.
+
+    A missing file is a ``FileNotFoundError``, a file that holds no LeNet a ``ValueError``;
+    both name the file in one line.
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(
-            f"no classifier at {path}: train it with `python -m dydit_lab train-classifier`")
+            f"no classifier at {path}: train it with `python -m dydit_lab train-classifier --out {path}`")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file it cannot read
+        raise ValueError(f"{path} is not a classifier file: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
+        raise ValueError(f"{path} is not a classifier file: no 'state_dict' (train-classifier writes one)")
     net = LeNet()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    try:
+        net.load_state_dict(saved["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"{path} holds no LeNet: its weights do not fit (missing, unexpected "
+                         f"or mis-shaped keys)") from err
     return net.to(device).eval()
 
 
@@ -92,20 +129,46 @@ def frechet_distance(stats_a, stats_b) -> float:
 
 
 class SampleEvaluator:
-    """Accuracy and FD-LeNet of class-conditional samples against the real MNIST train split."""
+    """Accuracy and FD-LeNet of class-conditional samples against the real MNIST train split.
 
-    def __init__(self, classifier: LeNet, device="cpu"):
+    With a ``second`` classifier (another LeNet, e.g. trained with another seed), every score
+    also carries the same metrics under it, suffixed ``_alt`` (``fd_lenet_alt``,
+    ``accuracy_alt``, and their intervals), at the cost of one more LeNet pass over the
+    samples: the images are generated once. ``classifier_file`` and ``second_file`` name the
+    files when built by :meth:`from_files`.
+    """
+
+    def __init__(self, classifier: LeNet, device="cpu", second: LeNet | None = None):
         self.device = torch.device(device)
         self.classifier = classifier.to(self.device).eval()
-        self.reference = gaussian_stats(self.features(mnist_split("train").tensors[0]))
+        self.second = None if second is None else second.to(self.device).eval()
+        self.classifier_file: str | None = None
+        self.second_file: str | None = None
+        real = mnist_split("train").tensors[0]
+        self.reference = gaussian_stats(self.features(real))
+        self.second_reference = None if second is None else gaussian_stats(self.features(real, self.second))
 
     @classmethod
-    def from_default(cls, device="cpu") -> "SampleEvaluator":
-        return cls(load_classifier(DEFAULT_CLASSIFIER), device=device)
+    def from_files(cls, classifier: str | Path = DEFAULT_CLASSIFIER,
+                   second: str | Path | None = SECOND_CLASSIFIER, device="cpu") -> "SampleEvaluator":
+        """The judges saved at ``classifier`` and ``second`` (None: no second judge)."""
+        evaluator = cls(load_classifier(classifier), device=device,
+                        second=None if second is None else load_classifier(second))
+        evaluator.classifier_file = display_path(classifier)
+        evaluator.second_file = None if second is None else display_path(second)
+        return evaluator
+
+    @classmethod
+    def from_default(cls, device="cpu", second: str | Path | None = SECOND_CLASSIFIER) -> "SampleEvaluator":
+        """The committed judges: ``data/lenet_mnist.pt`` and, unless ``second`` is None, the
+        seed-1 LeNet ``data/lenet_mnist_seed1.pt``."""
+        return cls.from_files(DEFAULT_CLASSIFIER, second, device=device)
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.classifier.features(b.to(self.device)).cpu() for b in images.split(500)])
+    def features(self, images: torch.Tensor, classifier: LeNet | None = None) -> torch.Tensor:
+        """Penultimate features of ``images`` under ``classifier`` (default: the main one)."""
+        net = self.classifier if classifier is None else classifier
+        return torch.cat([net.features(b.to(self.device)).cpu() for b in images.split(500)])
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, labels: torch.Tensor, bootstrap: int = 0,
@@ -113,16 +176,25 @@ class SampleEvaluator:
         """Metrics of given images (in [-1, 1]) that should show digits ``labels``.
 
         ``bootstrap`` > 0 adds 95 % percentile intervals over the generated samples
-        (``accuracy_lo/hi``, ``fd_lenet_lo/hi``; see :func:`bootstrap_intervals`).
+        (``accuracy_lo/hi``, ``fd_lenet_lo/hi``; see :func:`bootstrap_intervals`). With a second
+        classifier, the same keys follow with ``_alt`` after the metric's name
+        (``fd_lenet_alt``, ``fd_lenet_alt_lo``, ...); both use the same bootstrap resamples.
         """
         images = images.clamp(-1, 1)
-        preds = torch.cat([self.classifier(b.to(self.device)).argmax(1).cpu() for b in images.split(500)])
+        metrics = self._judge(self.classifier, self.reference, images, labels, bootstrap, seed)
+        if self.second is not None:
+            alt = self._judge(self.second, self.second_reference, images, labels, bootstrap, seed)
+            metrics |= {alt_key(k): v for k, v in alt.items()}
+        return metrics
+
+    def _judge(self, net: LeNet, reference, images, labels, bootstrap: int, seed: int) -> dict[str, float]:
+        preds = torch.cat([net(b.to(self.device)).argmax(1).cpu() for b in images.split(500)])
         correct = preds == labels.cpu()
-        features = self.features(images)
+        features = self.features(images, net)
         metrics = {"accuracy": correct.float().mean().item(),
-                   "fd_lenet": frechet_distance(gaussian_stats(features), self.reference)}
+                   "fd_lenet": frechet_distance(gaussian_stats(features), reference)}
         if bootstrap:
-            metrics |= bootstrap_intervals(features, correct, self.reference, bootstrap, seed)
+            metrics |= bootstrap_intervals(features, correct, reference, bootstrap, seed)
         return metrics
 
     @torch.no_grad()
@@ -159,3 +231,11 @@ def bootstrap_intervals(features: torch.Tensor, correct: torch.Tensor, reference
     fd_lo, fd_hi = torch.quantile(torch.tensor(fds, dtype=torch.float64), quantiles).tolist()
     acc_lo, acc_hi = torch.quantile(torch.tensor(accuracies, dtype=torch.float64), quantiles).tolist()
     return {"fd_lenet_lo": fd_lo, "fd_lenet_hi": fd_hi, "accuracy_lo": acc_lo, "accuracy_hi": acc_hi}
+
+
+def alt_key(key: str) -> str:
+    """The second classifier's name of a metric key: ``fd_lenet_lo`` -> ``fd_lenet_alt_lo``."""
+    for metric in ("fd_lenet", "accuracy"):
+        if key == metric or key.startswith(metric + "_"):
+            return metric + "_alt" + key[len(metric):]
+    raise ValueError(f"not a metric key: {key!r}")
