@@ -14,8 +14,9 @@ from .bench.run import parse_batch_list, run_benchmark, run_sweep, sweep_name, w
 from .caching.commands import add_commands as add_caching_commands
 from .checkpoints import export_checkpoint, load_model
 from .data import mnist_split
-from .evaluation.metrics import SampleEvaluator, load_classifier, train_classifier
-from .evaluation.report import count_flops_report, evaluate_checkpoint
+from .evaluation.commands import add_classifier_flags, evaluator_from_args
+from .evaluation.commands import add_commands as add_classifier_commands
+from .evaluation.report import classifier_files, count_flops_report, evaluate_checkpoint
 from .evaluation.results import record_result
 from .evaluation.strategies import compare_strategies
 from .flops import schedule_flops
@@ -23,7 +24,7 @@ from .models.configs import get_config
 from .models.dydit import DyDiT, sampling_flops
 from .official.latents import extract_latents
 from .official.sample import sample_to_files
-from .paths import BENCH_DIR, CHECKPOINT_DIR, DEFAULT_CLASSIFIER, FIGURES_DIR, RESULTS_CSV, resolve_device
+from .paths import BENCH_DIR, CHECKPOINT_DIR, FIGURES_DIR, RESULTS_CSV, resolve_device
 from .sweep import parse_only, read_spec, run_spec
 from .training.dydit import FinetuneConfig, finetune
 from .training.flexidit import FlexiFinetuneConfig, flexi_finetune
@@ -70,20 +71,16 @@ def cmd_train(args):
     _print_checkpoint(train(_dataclass_from(args, TrainConfig)))
 
 
-def cmd_train_classifier(args):
-    result = train_classifier(args.out, epochs=args.epochs, seed=args.seed)
-    print(json.dumps(result))
-
-
 def cmd_export(args):
     print(f"wrote {export_checkpoint(args.checkpoint, args.out, fp16=not args.fp32, weights=args.weights)}")
 
 
 def cmd_evaluate(args):
     device = resolve_device(args.device)
-    evaluator = SampleEvaluator(load_classifier(args.classifier), device=device)
+    evaluator = evaluator_from_args(args, device)
     if args.checkpoint == "real-val":  # the floor: real validation digits vs the train split
-        metrics = {"checkpoint": "real-val", **evaluator.score(*mnist_split("val").tensors, bootstrap=args.bootstrap)}
+        metrics = {"checkpoint": "real-val", "bootstrap": args.bootstrap, **classifier_files(evaluator),
+                   **evaluator.score(*mnist_split("val").tensors, bootstrap=args.bootstrap)}
     else:
         metrics = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, steps=args.steps,
                                       method=args.method, cfg_scale=args.cfg_scale, seed=args.seed,
@@ -211,11 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("train-classifier", help="train the LeNet used for FD-LeNet and accuracy")
-    p.add_argument("--out", default=str(DEFAULT_CLASSIFIER))
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_train_classifier)
+    add_classifier_commands(sub)  # train-classifier, rescore
 
     p = sub.add_parser("export", help="shrink a training checkpoint to fp16 EMA weights")
     p.add_argument("--checkpoint", required=True)
@@ -228,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="class accuracy and FD-LeNet of generated digits")
     p.add_argument("--checkpoint", required=True,
                    help="a model checkpoint, or real-val to score the real validation digits (the floor)")
-    p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
+    add_classifier_flags(p)
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--method", choices=["ddim", "ddpm"], default="ddim")

@@ -21,6 +21,7 @@ A spec is TOML (paths relative to the repository root)::
     num_samples = 1000
     sampling_seeds = [0]
     bootstrap = 500
+    second_classifier = "data/lenet_mnist_seed1.pt"   # the default; "" for none
 
 ``python -m dydit_lab sweep --spec data/sweeps/lambda.toml`` (``--dry-run`` lists the plan; ``--only seed=0``
 keeps the grid points with that value, to run one seed first); in Python: ``run_spec(read_spec(path))``.
@@ -40,14 +41,14 @@ from .checkpoints import export_checkpoint
 from .evaluation.metrics import SampleEvaluator
 from .evaluation.report import evaluate_checkpoint
 from .evaluation.results import read_results, record_result
-from .paths import CHECKPOINT_NAME, REPO_ROOT, RESULTS_CSV, display_path
+from .paths import CHECKPOINT_NAME, REPO_ROOT, RESULTS_CSV, SECOND_CLASSIFIER, display_path
 from .training.dydit import FinetuneConfig, finetune
 from .training.flexidit import FlexiFinetuneConfig, flexi_finetune
 from .training.pretrain import TrainConfig, train
 
 COMMANDS = {"train": (TrainConfig, train), "finetune": (FinetuneConfig, finetune),
             "flexi-finetune": (FlexiFinetuneConfig, flexi_finetune)}
-EVALUATE_OPTIONS = {"num_samples", "steps", "method", "cfg_scale", "sampling_seeds", "bootstrap"}
+EVALUATE_OPTIONS = {"num_samples", "steps", "method", "cfg_scale", "sampling_seeds", "bootstrap", "second_classifier"}
 PATH_FIELDS = {"parent", "init_from", "data"}  # config fields that name files
 
 
@@ -108,6 +109,9 @@ def read_spec(path: str | Path) -> SweepSpec:
     bad_eval = sorted(set(spec.evaluate) - EVALUATE_OPTIONS)
     if bad_eval:
         raise ValueError(f"{path}: unknown evaluate options {bad_eval}; choose from {sorted(EVALUATE_OPTIONS)}")
+    second = spec.evaluate.get("second_classifier")
+    if second and not Path(_repo_path(second)).is_file():
+        raise FileNotFoundError(f"{path}: evaluate.second_classifier {second} not found")
     return spec
 
 
@@ -162,6 +166,7 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print, on
     options = dict(spec.evaluate)
     seeds = list(options.pop("sampling_seeds", [0]))
     options.setdefault("bootstrap", 500)
+    second = options.pop("second_classifier", str(SECOND_CLASSIFIER))
     all_weights = spec.weights if isinstance(spec.weights, list) else [spec.weights]
     evaluator = None
     rows = []
@@ -176,7 +181,8 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print, on
             continue
         if step < run.config.steps:
             COMMANDS[spec.command][1](dataclasses.replace(run.config, resume=step > 0))
-        evaluator = evaluator or SampleEvaluator.from_default(device=device)
+        evaluator = evaluator or SampleEvaluator.from_default(
+            device=device, second=_repo_path(second) if second else None)
         for weights, seed in todo:
             exported = export_checkpoint(run.folder / CHECKPOINT_NAME, run.folder / f"{weights}.pt",
                                          weights=weights)

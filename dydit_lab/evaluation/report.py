@@ -1,5 +1,6 @@
-"""Reports of one model or checkpoint: what sampling it gives (quality, compute, wall-clock)
-and what a preset costs by formula and by fvcore's tracer."""
+"""Reports of one model or checkpoint: what sampling it gives (quality, compute, wall-clock),
+a results row scored again with both classifiers, and what a preset costs by formula and by
+fvcore's tracer."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import torch
 
 from .. import flops
 from ..checkpoints import read_checkpoint
+from ..data import mnist_split
 from ..models.configs import DiTConfig, get_config
 from ..models.dit import DiT
-from ..paths import display_path
+from ..paths import REPO_ROOT, display_path
 from .metrics import SampleEvaluator
-from .sampling import sampling_model, timed_generate
+from .results import read_results, record_result
+from .sampling import generate, sampling_model, timed_generate
 
 
 def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: int = 50,
@@ -30,7 +33,9 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
     ``complete_from_t`` and ``cache`` (a feature-caching spec, recorded): see
     :func:`sampling_model`. ``seed`` (the sampling seed) and the checkpoint's training seed
     (``train_seed``) are recorded; ``bootstrap`` > 0 adds 95 % intervals of both metrics over
-    the samples.
+    the samples (the rounds are recorded as ``bootstrap``). The default evaluator has a second
+    classifier: its scores of the same samples come as ``fd_lenet_alt`` and ``accuracy_alt``
+    (with intervals), and its file as ``classifier_alt``.
     """
     device = torch.device(device)
     evaluator = evaluator or SampleEvaluator.from_default(device=device)
@@ -46,11 +51,98 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 1000, steps: 
         "train_seed": recorded.get("seed"), "seed": seed,
         "steps": steps, "method": method, "cfg_scale": cfg_scale, "num_samples": num_samples,
         "coarse_steps": coarse_steps, **({"cache": cache} if cache else {}), **cost,
+        **({"complete_model": True, "complete_from_t": complete_from_t} if complete_model else {}),
         # classifier-free guidance runs the conditional and unconditional halves each step
         "gflops_per_image": cost["gflops_per_step"] * steps * (1 if cfg_scale == 1 else 2),
         "seconds_per_image": seconds, "device": device.type,
-        "threads": torch.get_num_threads(), **evaluator.score(samples, labels, bootstrap=bootstrap, seed=seed),
+        "threads": torch.get_num_threads(), "bootstrap": bootstrap, **classifier_files(evaluator),
+        **evaluator.score(samples, labels, bootstrap=bootstrap, seed=seed),
     }
+
+
+def classifier_files(evaluator: SampleEvaluator) -> dict:
+    """``classifier_alt``: the second classifier's file, for a row scored with one."""
+    return {} if evaluator.second is None else {"classifier_alt": evaluator.second_file}
+
+
+# ---------------------------------------------------------------------------
+# Rows of the results table scored again (e.g. with the second classifier)
+# ---------------------------------------------------------------------------
+
+
+def recorded_settings(row: dict) -> dict:
+    """The sampling settings a results row records, as keyword arguments of the sampling
+    (defaults where a row predates a column: seed 0, 500 bootstrap rounds if it has intervals)."""
+    def value(key, kind, default):
+        raw = row.get(key)
+        return default if raw is None or raw == "" else kind(raw)
+
+    intervals = row.get("fd_lenet_lo") not in (None, "")
+    return {"num_samples": value("num_samples", int, 1000), "steps": value("steps", int, 50),
+            "method": value("method", str, "ddim"), "cfg_scale": value("cfg_scale", float, 1.0),
+            "seed": value("seed", int, 0), "coarse_steps": value("coarse_steps", int, None),
+            "cache": value("cache", str, None),
+            "complete_model": value("complete_model", lambda v: str(v) == "True", False),
+            "complete_from_t": value("complete_from_t", int, 0),
+            "bootstrap": value("bootstrap", int, 500 if intervals else 0)}
+
+
+def rescore_row(row: dict, evaluator: SampleEvaluator, device="cpu", progress: bool = False,
+                tolerance: float = 1e-3) -> dict:
+    """``row`` of the results table with its quality columns scored again by ``evaluator``.
+
+    The samples are drawn again from the recorded checkpoint with the recorded settings
+    (:func:`recorded_settings`; ``real-val``: the real validation digits), so a second
+    classifier judges the very images the row was scored on. Compute, timing and every other
+    column are kept. Raises ``ValueError`` naming the row when the main FD-LeNet comes out more
+    than ``tolerance`` (relative) away from the recorded one: the row's settings do not
+    reproduce its samples. A missing checkpoint is a ``FileNotFoundError`` naming it.
+    """
+    name, settings = row.get("name", "?"), recorded_settings(row)
+    bootstrap, seed = settings.pop("bootstrap"), settings["seed"]
+    if row.get("checkpoint") == "real-val":
+        images, labels = mnist_split("val").tensors
+    else:
+        path = Path(row.get("checkpoint") or "")
+        path = path if path.is_absolute() else REPO_ROOT / path
+        if not row.get("checkpoint") or not path.is_file():
+            raise FileNotFoundError(f"row {name!r}: checkpoint {path} not found")
+        model = sampling_model(path, settings["steps"], settings["coarse_steps"], settings["complete_model"],
+                               device, complete_from_t=settings["complete_from_t"], cache=settings["cache"])
+        images, labels = generate(model, settings["num_samples"], steps=settings["steps"], method=settings["method"],
+                                  cfg_scale=settings["cfg_scale"], seed=seed, device=device, progress=progress)
+    metrics = evaluator.score(images, labels, bootstrap=bootstrap, seed=seed)
+    recorded = float(row["fd_lenet"])
+    if abs(metrics["fd_lenet"] - recorded) > tolerance * abs(recorded):
+        raise ValueError(f"row {name!r}: FD-LeNet {metrics['fd_lenet']:.4f} again, recorded {recorded:.4f}; "
+                         f"its recorded settings do not reproduce its samples (not re-scored)")
+    return {**row, **metrics, "bootstrap": bootstrap, **classifier_files(evaluator)}
+
+
+def rescore_results(results: str | Path, names: list[str], evaluator: SampleEvaluator | None = None,
+                    device="cpu", progress: bool = True, tolerance: float = 1e-3, log=print) -> list[dict]:
+    """Score the rows ``names`` of ``results`` again (:func:`rescore_row`) and upsert each as it
+    is done. Rows that cannot be re-scored are left as they are and named in one
+    ``ValueError`` at the end; unknown names fail before any sampling."""
+    rows = {r["name"]: r for r in read_results(results)}
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        raise ValueError(f"no rows named {unknown} in {results}")
+    evaluator = evaluator or SampleEvaluator.from_default(device=device)
+    done, failed = [], []
+    for name in names:
+        try:
+            row = rescore_row(rows[name], evaluator, device=device, progress=progress, tolerance=tolerance)
+        except (ValueError, FileNotFoundError) as err:
+            failed.append(str(err))
+            continue
+        record_result(results, row)
+        done.append(row)
+        log(f"{name}: FD-LeNet {float(row['fd_lenet']):.2f}, second classifier "
+            f"{float(row.get('fd_lenet_alt', 'nan')):.2f}")
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(names)} row(s) not re-scored: " + "; ".join(failed))
+    return done
 
 
 def _model_for_counting(config: DiTConfig, arch: str) -> DiT:
