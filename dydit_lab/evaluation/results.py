@@ -65,8 +65,10 @@ def fd_orderings(rows: list[dict], names: list[str] | None = None, metric: str =
     unscored = [n for n in names if n in by_name and (_number(by_name[n], metric) is None or
                                                        _number(by_name[n], alt) is None)]
     if unknown or unscored:
-        raise ValueError(f"rows not found {unknown}; rows without {metric} and {alt} {unscored} "
-                         f"(re-score them: python -m dydit_lab rescore --names ...)")
+        problems = ([f"rows not found {unknown}"] if unknown else []) + (
+            [f"rows without {metric} and {alt} {unscored} (re-score them: python -m dydit_lab rescore "
+             f"--names ...)"] if unscored else [])
+        raise ValueError("; ".join(problems))
     sign = 1 if higher_is_better else -1
     orderings = []
     for a, b in itertools.combinations(names, 2):

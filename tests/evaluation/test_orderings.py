@@ -53,7 +53,7 @@ def test_accuracy_orders_higher_first():
 def test_unknown_or_unscored_rows_are_named():
     with pytest.raises(ValueError, match=r"rows not found \['nope'\]"):
         fd_orderings(ROWS, names=["lab-S", "nope"])
-    with pytest.raises(ValueError, match=r"without fd_lenet and fd_lenet_alt \['old row'\].*rescore"):
+    with pytest.raises(ValueError, match=r"^rows without fd_lenet and fd_lenet_alt \['old row'\].*rescore"):
         fd_orderings(ROWS, names=["lab-S", "old row"])
 
 
