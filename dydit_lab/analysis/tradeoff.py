@@ -1,0 +1,66 @@
+"""The λ trade-off across training seeds (notebook 06): sweep rows of ``data/results.csv``
+summarised per grid point, and the recipe targets of issue 15 checked against the parent.
+
+A claim about a fine-tuning recipe is a claim about its spread over training seeds, so every
+summary carries the median, the range (min-max over seeds) and the seed count, never one run.
+
+    rows = sweep_rows(read_results(RESULTS_CSV), "DyDiT-lab-L sweep")
+    summary = seed_summary(rows, by="target_ratio")
+    verdict = recipe_targets(rows[rows.target_ratio == 0.5], parent_fd=21.3)
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+METRICS = ("fd_lenet", "accuracy", "gflops_per_image", "block_flops_fraction")
+
+# Issue 15's bar for a recipe that works on every seed (relative to the parent's FD-LeNet).
+MEDIAN_FD_MARGIN, WORST_FD_MARGIN, FRACTION_TOLERANCE = 0.05, 0.15, 0.03
+
+
+def sweep_rows(rows: list[dict] | pd.DataFrame, sweep: str) -> pd.DataFrame:
+    """The rows one sweep wrote (its ``sweep`` column), with the metric columns numeric."""
+    table = pd.DataFrame(rows)
+    if "sweep" not in table.columns or not (table["sweep"] == sweep).any():
+        known = sorted(set(table.get("sweep", pd.Series(dtype=str)).dropna()) - {""})
+        raise ValueError(f"no rows of sweep {sweep!r} in the results; sweeps present: {known}")
+    table = table[table["sweep"] == sweep].copy()
+    numeric = [c for c in (*METRICS, "target_ratio", "train_seed", "fd_lenet_lo", "fd_lenet_hi") if c in table]
+    table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce")
+    return table.reset_index(drop=True)
+
+
+def seed_summary(rows: pd.DataFrame, by: str | list[str] = "target_ratio") -> pd.DataFrame:
+    """Per grid point (``by``): the number of runs and each metric's median, min and max over them."""
+    by = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in by if c not in rows.columns]
+    if missing:
+        raise ValueError(f"rows have no column(s) {missing} to group by")
+    metrics = [m for m in METRICS if m in rows.columns]
+    grouped = rows.groupby(by, sort=True)[metrics]
+    summary = pd.concat({"median": grouped.median(), "min": grouped.min(), "max": grouped.max()}, axis=1)
+    summary.columns = [f"{metric}_{stat}" for stat, metric in summary.columns]
+    summary.insert(0, "runs", grouped.size())
+    return summary.reset_index()
+
+
+def recipe_targets(rows: pd.DataFrame, parent_fd: float, target_ratio: float | None = None) -> dict:
+    """Whether the runs of one recipe meet issue 15's bar: median FD within 5 % of the parent,
+    worst within 15 %, every achieved block FLOPs fraction within 0.03 of λ. Returns the
+    measured values next to each verdict (and the run with the median FD, the one to commit)."""
+    if rows.empty:
+        raise ValueError("no runs to check")
+    if parent_fd <= 0:
+        raise ValueError(f"parent_fd must be positive, got {parent_fd}")
+    target = target_ratio if target_ratio is not None else float(rows["target_ratio"].iloc[0])
+    fd = rows["fd_lenet"].astype(float)
+    deviation = (rows["block_flops_fraction"].astype(float) - target).abs()
+    median_run = rows.iloc[(fd - fd.median()).abs().argsort().iloc[0]]
+    return {
+        "runs": len(rows),
+        "median_fd": float(fd.median()), "median_fd_ok": bool(fd.median() <= parent_fd * (1 + MEDIAN_FD_MARGIN)),
+        "worst_fd": float(fd.max()), "worst_fd_ok": bool(fd.max() <= parent_fd * (1 + WORST_FD_MARGIN)),
+        "worst_fraction_gap": float(deviation.max()), "fractions_ok": bool((deviation <= FRACTION_TOLERANCE).all()),
+        "median_run": median_run["name"],
+    }

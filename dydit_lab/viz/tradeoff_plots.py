@@ -1,0 +1,54 @@
+"""The paper's quality-vs-FLOPs figure over λ, with training seeds (notebook 06): DyDiT's median
+over seeds with its min-max range at each λ, next to reference curves (the parent and lab-S at
+fewer sampling steps) and control points (the same extra training without routers, ablations)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .plots import LABEL_SIZE, PALETTE, TITLE_SIZE, _style
+
+PANELS = (("fd_lenet", "FD-LeNet (lower is better)"), ("accuracy", "class accuracy (higher is better)"))
+
+
+def plot_tradeoff(summary: pd.DataFrame, references: dict[str, pd.DataFrame] | None = None,
+                  controls: dict[str, pd.DataFrame] | None = None, label: str = "DyDiT (median of seeds)") -> Figure:
+    """FD-LeNet and accuracy vs GFLOPs per image.
+
+    ``summary``: :func:`~dydit_lab.analysis.tradeoff.seed_summary` by ``target_ratio`` (bars: the
+    min-max over training seeds; each point labelled with its λ and run count). ``references``:
+    name -> rows with ``gflops_per_image`` and the metrics, drawn as lines (e.g. the static parent
+    at 10/20/30/50 steps). ``controls``: name -> a seed summary, drawn as single points with ranges.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    for ax, (metric, metric_label) in zip(axes, PANELS):
+        for i, (name, rows) in enumerate((references or {}).items()):
+            rows = rows.sort_values("gflops_per_image")
+            ax.plot(rows["gflops_per_image"], rows[metric], "o--", color=PALETTE[(i + 1) % len(PALETTE)],
+                    alpha=0.8, label=name)
+        _ranged(ax, summary, metric, PALETTE[0], "s-", label)
+        for lam, x, y, runs in zip(summary["target_ratio"], summary["gflops_per_image_median"],
+                                   summary[f"{metric}_median"], summary["runs"]):
+            ax.annotate(f"λ = {lam:g} ({runs})", (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7,
+                        color=PALETTE[0])
+        for j, (name, rows) in enumerate((controls or {}).items()):
+            _ranged(ax, rows, metric, PALETTE[(j + 5) % len(PALETTE)], "D", name)
+        ax.set_xlabel("GFLOPs per image (whole sampling run)", fontsize=LABEL_SIZE)
+        ax.set_ylabel(metric_label, fontsize=LABEL_SIZE)
+        ax.grid(alpha=0.3)
+        _style(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle("Quality vs compute over the FLOPs target λ (bars: min-max over training seeds)",
+                 fontsize=TITLE_SIZE)
+    return fig
+
+
+def _ranged(ax, summary: pd.DataFrame, metric: str, colour, fmt: str, label: str) -> None:
+    """Medians with min-max bars (vertical: the metric; horizontal: the compute)."""
+    x, y = summary["gflops_per_image_median"], summary[f"{metric}_median"]
+    ax.errorbar(x, y, yerr=[y - summary[f"{metric}_min"], summary[f"{metric}_max"] - y],
+                xerr=[x - summary["gflops_per_image_min"], summary["gflops_per_image_max"] - x],
+                fmt=fmt, color=colour, capsize=3, ms=6, label=label, zorder=3)

@@ -1,0 +1,47 @@
+"""The λ trade-off over training seeds: sweep rows, per-λ medians and ranges, recipe targets."""
+
+import pandas as pd
+import pytest
+
+from dydit_lab.analysis.tradeoff import recipe_targets, seed_summary, sweep_rows
+
+
+def sweep_table():
+    rows = []
+    for lam, fds in ((0.5, [21.0, 22.0, 30.0]), (0.7, [19.0, 20.0, 20.5])):
+        for seed, fd in enumerate(fds):
+            rows.append({"name": f"s: target_ratio={lam}, seed={seed}", "sweep": "s", "target_ratio": str(lam),
+                         "fd_lenet": str(fd), "accuracy": str(1 - fd / 100), "gflops_per_image": str(10 * lam),
+                         "block_flops_fraction": str(lam + 0.01 * seed)})
+    rows.append({"name": "other", "sweep": "another", "fd_lenet": "5"})
+    return rows
+
+
+def test_sweep_rows_keep_one_sweep_as_numbers_and_name_the_known_ones():
+    rows = sweep_rows(sweep_table(), "s")
+    assert len(rows) == 6 and rows["fd_lenet"].dtype == float and rows["target_ratio"].dtype == float
+    with pytest.raises(ValueError, match=r"sweeps present: \['another', 's'\]"):
+        sweep_rows(sweep_table(), "missing")
+
+
+def test_seed_summary_gives_median_and_range_per_lambda():
+    summary = seed_summary(sweep_rows(sweep_table(), "s")).set_index("target_ratio")
+    assert list(summary["runs"]) == [3, 3]
+    assert summary.loc[0.5, "fd_lenet_median"] == 22.0
+    assert (summary.loc[0.5, "fd_lenet_min"], summary.loc[0.5, "fd_lenet_max"]) == (21.0, 30.0)
+    assert summary.loc[0.7, "gflops_per_image_median"] == pytest.approx(7.0)
+    with pytest.raises(ValueError, match="routers"):
+        seed_summary(sweep_rows(sweep_table(), "s"), by="routers")
+
+
+def test_recipe_targets_judge_median_worst_and_fractions():
+    rows = sweep_rows(sweep_table(), "s")
+    half = rows[rows["target_ratio"] == 0.5]
+    verdict = recipe_targets(half, parent_fd=21.0)
+    assert verdict["runs"] == 3 and verdict["median_fd"] == 22.0
+    assert verdict["median_fd_ok"] and not verdict["worst_fd_ok"]  # 22 <= 22.05; 30 > 24.15
+    assert verdict["worst_fraction_gap"] == pytest.approx(0.02) and verdict["fractions_ok"]
+    assert verdict["median_run"] == "s: target_ratio=0.5, seed=1"  # the run to commit, not the best
+    assert not recipe_targets(half, parent_fd=20.0)["median_fd_ok"]
+    with pytest.raises(ValueError, match="no runs"):
+        recipe_targets(pd.DataFrame(columns=half.columns), parent_fd=21.0)

@@ -1,0 +1,33 @@
+"""The trade-off figure: DyDiT medians with seed ranges, reference lines, control points."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dydit_lab.analysis.tradeoff import seed_summary  # noqa: E402
+from dydit_lab.viz.tradeoff_plots import plot_tradeoff  # noqa: E402
+
+
+def test_plot_tradeoff_draws_ranges_references_and_controls():
+    runs = pd.DataFrame({"target_ratio": [0.5, 0.5, 0.7, 0.7], "fd_lenet": [20.0, 30.0, 18.0, 19.0],
+                         "accuracy": [0.8, 0.7, 0.85, 0.86], "gflops_per_image": [3.0, 3.2, 4.0, 4.1],
+                         "block_flops_fraction": [0.5, 0.5, 0.7, 0.7]})
+    static = pd.DataFrame({"gflops_per_image": [5.5, 1.1], "fd_lenet": [21.0, 45.0], "accuracy": [0.84, 0.8]})
+    control = seed_summary(runs.assign(target_ratio=1.0))
+    fig = plot_tradeoff(seed_summary(runs), references={"DiT-lab-L, fewer steps": static},
+                        controls={"no routers": control})
+    fd_axes = fig.axes[0]
+    reference = [line for line in fd_axes.get_lines() if line.get_label() == "DiT-lab-L, fewer steps"][0]
+    assert list(reference.get_xdata()) == [1.1, 5.5]  # sorted by compute
+    texts = [t.get_text() for t in fd_axes.texts]
+    assert texts == ["λ = 0.5 (2)", "λ = 0.7 (2)"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["DiT-lab-L, fewer steps", "DyDiT (median of seeds)", "no routers"]
+    # The λ = 0.5 bar spans the seeds' FD range 20-30 around the median 25.
+    bars = fd_axes.containers[0]
+    segments = bars.lines[2][1].get_segments()
+    assert [tuple(s[:, 1]) for s in segments][0] == (20.0, 30.0)
+    plt.close(fig)
