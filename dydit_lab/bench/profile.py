@@ -1,0 +1,96 @@
+"""Where the time goes: a ``torch.profiler`` pass of the static DiT and the sliced DyDiT on the
+benchmark's inputs, with each op's self time grouped into a few categories (matmuls, attention,
+token gather/scatter, norms and elementwise, the rest), so the gap between the measured and the
+ideal speed-up can be attributed.
+
+``python -m dydit_lab bench --arch DiT-XL/2 --batch-size 8 --profile``
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ..models.dit import DiT
+from ..models.dydit import DyDiT
+from ..paths import resolve_device
+from .setup import BenchInputs, build_models, make_inputs, set_routers
+
+# Category of an op by its name (first match wins); anything else is "other".
+CATEGORIES = (
+    ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention", "softmax")),
+    ("matmul", ("addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "baddbmm")),
+    ("token gather/scatter", ("index_select", "index_add", "index_put", "gather", "scatter", "nonzero",
+                              "masked_select", "aten::index", "unique", "argsort", "sort")),
+    ("norm and elementwise", ("layer_norm", "aten::mul", "aten::add", "aten::gelu", "aten::silu",
+                              "aten::sigmoid", "aten::sub", "aten::div", "aten::tanh", "aten::copy_",
+                              "aten::cat", "aten::clone", "aten::contiguous")),
+)
+
+
+def category(op: str) -> str:
+    """The category of a profiled op name (see ``CATEGORIES``)."""
+    for name, keys in CATEGORIES:
+        if any(key in op for key in keys):
+            return name
+    return "other"
+
+
+@torch.no_grad()
+def profile_pass(fn, inputs: BenchInputs, device: torch.device, top: int = 12) -> dict:
+    """Profile one forward at every sampled timestep of ``inputs``: total self time (ms), the
+    share per category, and the ``top`` ops by self time (name, calls, ms, share)."""
+    fn(inputs.x[0], inputs.t[0], inputs.y)  # warm-up (fills the sliced-weight cache)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for x, t in zip(inputs.x, inputs.t):
+            fn(x, t, inputs.y)
+        if device.type == "cuda":  # CUDA only: wait for the kernels inside the profile
+            torch.cuda.synchronize(device)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    shares: dict[str, float] = {}
+    for event in events:
+        shares[category(event.key)] = shares.get(category(event.key), 0.0) + event.self_cpu_time_total / total
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"self_ms": total / 1e3,
+            "categories": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
+            "top_ops": [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+                         "share": e.self_cpu_time_total / total} for e in ops]}
+
+
+def profile_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, device: torch.device, top: int = 12) -> dict:
+    """:func:`profile_pass` of the static DiT and of the sliced DyDiT (routers already set)."""
+    dit.eval(), dydit.eval()
+    dydit.execution = "sliced"
+    return {"static": profile_pass(dit, inputs, device, top),
+            "sliced": profile_pass(lambda x, t, y: dydit(x, t, y), inputs, device, top)}
+
+
+def run_profile(arch: str, input_size: int = 32, target_ratio: float = 0.5, batch_size: int = 8,
+                steps: int = 2, device: str = "auto", seed: int = 0, threads: int | None = None,
+                top: int = 12) -> dict:
+    """Build the benchmark's models (routers set for ``target_ratio``) and profile both paths."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    dit, dydit = build_models(arch, input_size, dev, seed)
+    inputs = make_inputs(dit, batch_size, steps, seed)
+    set_routers(dydit, inputs, target_ratio)
+    dydit.clear_slice_cache()
+    result = profile_paths(dit, dydit, inputs, dev, top)
+    return {"arch": arch, "batch_size": batch_size, "steps": steps, "target_ratio": target_ratio,
+            "num_threads": torch.get_num_threads(), "device": str(dev), **result}
+
+
+def describe_profile(result: dict) -> str:
+    """A few readable lines: self time and category shares of each path, then its top ops."""
+    lines = [f"{result['arch']}, batch {result['batch_size']}, {result['steps']} steps, "
+             f"target {result['target_ratio']}, {result['num_threads']} thread(s), {result['device']}"]
+    for path in ("static", "sliced"):
+        part = result[path]
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in part["categories"].items())
+        lines.append(f"{path}: {part['self_ms']:.0f} ms self time; {shares}")
+        lines += [f"    {op['op']:<50} {op['calls']:>6} calls {op['self_ms']:>9.1f} ms {op['share']:>6.1%}"
+                  for op in part["top_ops"]]
+    return "\n".join(lines)

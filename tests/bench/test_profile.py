@@ -1,0 +1,36 @@
+"""The profile of the benchmark's paths (dydit_lab.bench.profile): op categories, shares, text."""
+
+import pytest
+
+from dydit_lab.bench.profile import category, describe_profile, profile_paths, run_profile
+from dydit_lab.bench.setup import set_routers
+from tests.helpers import BENCH_ARCH
+
+
+@pytest.mark.parametrize("op, expected", [
+    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::scaled_dot_product_attention", "attention"),
+    ("aten::index_select", "token gather/scatter"), ("aten::index_add_", "token gather/scatter"),
+    ("aten::layer_norm", "norm and elementwise"), ("aten::empty", "other")])
+def test_ops_fall_into_their_category(op, expected):
+    assert category(op) == expected
+
+
+def test_profile_of_both_paths_adds_up(models, inputs):
+    dit, dydit = models
+    set_routers(dydit, inputs, 0.5)
+    result = profile_paths(dit, dydit, inputs, dit.x_embedder.proj.weight.device, top=5)
+    for path in ("static", "sliced"):
+        part = result[path]
+        assert part["self_ms"] > 0 and sum(part["categories"].values()) == pytest.approx(1.0)
+        assert part["categories"]["matmul"] > 0 and len(part["top_ops"]) == 5
+        shares = [op["share"] for op in part["top_ops"]]
+        assert shares == sorted(shares, reverse=True) and all(op["calls"] > 0 for op in part["top_ops"])
+    # Only the sliced path gathers the kept tokens.
+    assert result["sliced"]["categories"].get("token gather/scatter", 0) > 0
+
+
+def test_run_profile_describes_itself():
+    result = run_profile(BENCH_ARCH, batch_size=2, steps=2, device="cpu", threads=1, top=3)
+    text = describe_profile(result)
+    assert text.splitlines()[0].startswith(f"{BENCH_ARCH}, batch 2, 2 steps, target 0.5, 1 thread(s)")
+    assert "static:" in text and "sliced:" in text and "matmul" in text
