@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from dydit_lab.data import mnist_split
 from dydit_lab.evaluation.metrics import (LeNet, SampleEvaluator, alt_key, frechet_distance, gaussian_stats,
                                           load_classifier, train_classifier)
 from dydit_lab.paths import DEFAULT_CLASSIFIER, SECOND_CLASSIFIER
