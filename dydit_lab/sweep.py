@@ -188,7 +188,9 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print, on
                                          weights=weights)
             metrics = evaluate_checkpoint(exported, seed=seed, evaluator=evaluator, device=device,
                                           progress=False, **options)
-            row = {**metrics, **run.values, "name": row_name(run, seed, seeds, weights, all_weights),
+            # Grid values first: a grid "seed" is the training seed (recorded as train_seed), and
+            # must not overwrite the sampling seed in the row's "seed".
+            row = {**run.values, **metrics, "name": row_name(run, seed, seeds, weights, all_weights),
                    "sweep": spec.name, "weights": weights, "run_folder": display_path(run.folder)}
             record_result(results, row)
             rows.append(row)

@@ -78,6 +78,13 @@ def test_sweep_resumes_an_interrupted_run(tmp_path, tiny_parent):
         f"tiny: target_ratio={lam}, sampling seed {s}" for lam in (0.5, 0.9) for s in (0, 1))
 
 
+def test_a_grid_seed_is_the_training_seed_and_keeps_the_sampling_seed(tmp_path, tiny_parent):
+    spec = read_spec(write_spec(tmp_path, tiny_parent, steps=2, extra="sampling_seeds = [0, 1]"))
+    spec.grid = {"target_ratio": [0.5], "seed": [3]}
+    rows = run_spec(spec, device="cpu", log=lambda *_: None)
+    assert sorted((r["seed"], r["train_seed"]) for r in rows) == [(0, 3), (1, 3)]
+
+
 def test_bad_specs_name_the_problem(tmp_path, tiny_parent):
     spec = write_spec(tmp_path, tiny_parent)
     spec.write_text(spec.read_text().replace("[grid]", "[grid]\nnot_a_flag = [1]"))
