@@ -10,6 +10,7 @@ import os
 import re
 import sys
 
+from .bench.profile import describe_profile, run_profile
 from .bench.run import parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
 from .caching.commands import add_commands as add_caching_commands
 from .checkpoints import export_checkpoint, load_model
@@ -133,7 +134,12 @@ def cmd_bench(args):
     common = dict(input_size=args.input_size, target_ratio=args.target_ratio, steps=args.steps,
                   repeats=args.repeats, device=args.device, seed=args.seed,
                   keep_rate=args.keep_rate, threads=args.threads, verbose=not args.quiet)
-    if args.sweep_batch:
+    if args.profile:
+        result = run_profile(args.arch, input_size=args.input_size, target_ratio=args.target_ratio,
+                             batch_size=args.batch_size, steps=args.steps, device=args.device, seed=args.seed,
+                             threads=args.threads)
+        print(describe_profile(result))
+    elif args.sweep_batch:
         rows = run_sweep(args.arch, parse_batch_list(args.sweep_batch), **common)
         name = args.name or sweep_name(args.arch, rows[0]["device"], args.target_ratio)
         print(f"wrote {write_csv(rows, BENCH_DIR / (name + '.csv'))}")
@@ -294,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="CSV name for --sweep-batch (default from arch/device/target)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: where the time goes (torch.profiler, op categories)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("flexi-finetune", help="fine-tune a DiT into a FlexiDiT (extra coarse patch)")
     _add_dataclass_flags(p, FlexiFinetuneConfig)

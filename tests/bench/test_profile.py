@@ -4,6 +4,7 @@ import pytest
 
 from dydit_lab.bench.profile import category, describe_profile, profile_paths, run_profile
 from dydit_lab.bench.setup import set_routers
+from dydit_lab.cli import main
 from tests.helpers import BENCH_ARCH
 
 
@@ -34,3 +35,10 @@ def test_run_profile_describes_itself():
     text = describe_profile(result)
     assert text.splitlines()[0].startswith(f"{BENCH_ARCH}, batch 2, 2 steps, target 0.5, 1 thread(s)")
     assert "static:" in text and "sliced:" in text and "matmul" in text
+
+
+def test_bench_profile_command_prints_both_paths(capsys):
+    main(["bench", "--arch", BENCH_ARCH, "--batch-size", "2", "--steps", "2", "--threads", "1",
+          "--device", "cpu", "--profile", "--json", "/dev/null"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"{BENCH_ARCH}, batch 2, 2 steps") and "sliced:" in out
