@@ -2,9 +2,10 @@
 
 The families share one large parent model, ``DiT-lab-L``:
 
-- **static**: the parent itself, with fewer sampling steps;
+- **static**: the parent itself, with fewer sampling steps (and **static DiT-lab-S**, the small
+  model at the same step counts);
 - **DyDiT**: the parent fine-tuned with timestep-wise width and token routers (one
-  checkpoint per FLOPs target lambda);
+  checkpoint per FLOPs target lambda), also at fewer sampling steps (**DyDiT + fewer steps**);
 - **FlexiDiT**: the parent fine-tuned to also run at a coarse patch size, sampled with its
   first k of S steps coarse;
 - **caching**: the parent sampled with a training-free feature-caching policy
@@ -38,7 +39,7 @@ RESULTS = RESULTS_CSV  # the default results file
 class Strategy:
     """One sampling setting of one checkpoint."""
 
-    family: str  # "static", "DyDiT" or "FlexiDiT"
+    family: str  # "static", "DyDiT", "FlexiDiT", "caching", ... (see STRATEGIES)
     setting: str  # what distinguishes it inside its family, e.g. "20 steps", "lambda = 0.5"
     checkpoint: str  # file name under data/checkpoints/
     steps: int = 50
@@ -76,7 +77,11 @@ DYDIT_CACHING = (("lambda = 0.5 + ToCa 30% every 3", "toca:0.3,interval=3"), ("l
 
 STRATEGIES: tuple[Strategy, ...] = (
     *(Strategy("static", f"{s} steps", "DiT-lab-L.pt", steps=s) for s in (10, 20, 30, 50)),
+    # The small model at the same step counts: the premise (the large one is worth its compute).
+    *(Strategy("static DiT-lab-S", f"{s} steps", "DiT-lab-S.pt", steps=s) for s in (10, 20, 30, 50)),
     *(Strategy("DyDiT", f"lambda = {lam}", f"DyDiT-lab-L-{lam}.pt") for lam in ("0.7", "0.5")),
+    # Does dynamic width add to fewer sampling steps?
+    *(Strategy("DyDiT + fewer steps", f"lambda = 0.5, {s} steps", "DyDiT-lab-L-0.5.pt", steps=s) for s in (20, 30)),
     *(Strategy("FlexiDiT", f"k = {k} of 50 coarse", "FlexiDiT-lab-L.pt", coarse_steps=k)
       for k in (0, 12, 24, 36)),
     *(Strategy("caching", setting, "DiT-lab-L.pt", cache=spec) for setting, spec in CACHING),

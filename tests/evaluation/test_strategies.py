@@ -52,7 +52,8 @@ def test_compare_names_missing_checkpoints(tmp_path):
 def test_strategies_name_committed_checkpoints_and_default_results():
     assert RESULTS == RESULTS_CSV
     for strategy in STRATEGIES:
-        assert strategy.family in ("static", "DyDiT", "FlexiDiT", "caching", "DyDiT + caching")
+        assert strategy.family in ("static", "static DiT-lab-S", "DyDiT", "DyDiT + fewer steps", "FlexiDiT",
+                                   "caching", "DyDiT + caching")
         assert strategy.name.startswith(strategy.family)
         assert (CHECKPOINT_DIR / strategy.checkpoint).suffix == ".pt"
     assert len({s.name for s in STRATEGIES}) == len(STRATEGIES)
