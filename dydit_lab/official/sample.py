@@ -26,9 +26,8 @@ from ..diffusion import GaussianDiffusion
 from ..models.dit import ModelWrapper
 from ..models.dydit import DyDiT
 from . import distributed
-from .vae import check_vae_fits, decode, load_vae
+from .vae import LATENT_CHANNELS, check_vae_fits, decode, load_vae
 
-LATENT_CHANNELS = 4  # the released models' latent space (the SD VAE)
 GRID_MAX = 64  # images in the PNG grid (the first ones)
 GRID_COLUMNS = 8
 GRID_PAD = 2

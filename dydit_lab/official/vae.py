@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 LATENT_SCALE = 0.18215  # DiT trains on VAE latents times this (its train.py and sample.py)
+LATENT_CHANNELS = 4  # the released models' latent space (the SD VAE)
 INSTALL_HINT = 'pip install -e ".[official]"'
 
 

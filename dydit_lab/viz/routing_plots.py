@@ -1,6 +1,7 @@
-"""Figures of what a trained DyDiT's routers do over a sampling run: width heat maps, token
-keep rates and maps, FLOPs per step, and the explorer's dashboard. Headless-safe, like
-:mod:`.plots`."""
+"""Figures of what a trained DyDiT's routers do: width heat maps (of a sampling run or of the
+learned schedule at every timestep), token keep rates and maps (over MNIST digits or a VAE's
+decoded images), FLOPs per step, the explorer's dashboard, and what the skipping measured on a
+device. Headless-safe, like :mod:`.plots`."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from matplotlib.axes import Axes
 from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
 
-from ..analysis.routing import RoutingTrace
+from ..analysis.routing import RoutingTrace, WidthSchedule
 from .plots import LABEL_SIZE, PALETTE, T_LABEL, TITLE_SIZE, _axes, _image_array, _style, display_name
+
+LEGEND_BLOCKS = 12  # up to this depth the keep-rate plot names every block in a legend
 
 
 # ---------------------------------------------------------------------------
@@ -22,7 +25,7 @@ from .plots import LABEL_SIZE, PALETTE, T_LABEL, TITLE_SIZE, _axes, _image_array
 # ---------------------------------------------------------------------------
 
 
-def plot_width_heatmap(trace: RoutingTrace, kind: str = "heads", ax: Axes | None = None,
+def plot_width_heatmap(trace: RoutingTrace | WidthSchedule, kind: str = "heads", ax: Axes | None = None,
                        step: int | None = None) -> Figure:
     """Active share of attention heads (or MLP groups) per block vs timestep, as a heatmap.
 
@@ -69,27 +72,39 @@ def plot_token_keep(trace: RoutingTrace, highlight_layer: int | None = None,
     ax.set_xlabel(T_LABEL, fontsize=LABEL_SIZE)
     ax.set_ylabel("tokens kept (share)", fontsize=LABEL_SIZE)
     ax.set_title(f"{display_name(trace.name)}: SDT keep-rate per block", fontsize=TITLE_SIZE)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if keep.shape[1] <= LEGEND_BLOCKS:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:  # a deep model (DiT-XL: 28 blocks): a colour bar, not 28 legend rows
+        blocks = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, keep.shape[1] - 1))
+        fig.colorbar(blocks, ax=ax, label="block")
     _style(ax)
     return fig
 
 
 def plot_token_map(trace: RoutingTrace, step: int = 0, sample: int = 0, layer: int = 0,
                    ax: Axes | None = None) -> Figure:
-    """The final sample (the digit being generated) with the tokens SDT dropped in one block at
-    one step shaded: which parts of the image skip the MLP (x_t itself is mostly noise)."""
+    """The final sample (the digit, or the VAE-decoded image, being generated) with the tokens
+    SDT dropped in one block at one step shaded: which parts of the image skip the MLP (x_t
+    itself is mostly noise). Latents without a VAE to decode them: the keep mask alone."""
     fig, ax = _axes(ax, figsize=(4, 4))
-    ax.imshow(_image_array(trace.samples[sample]), cmap="gray", vmin=0, vmax=1)
     keep = trace.token_grid(step, sample, layer).float().numpy()
-    p = trace.patch_size
-    dropped = np.kron(1 - keep, np.ones((p, p)))
-    overlay = np.zeros(dropped.shape + (4,))
-    overlay[..., 0], overlay[..., 3] = 1.0, 0.55 * dropped  # red = skips the MLP
-    ax.imshow(overlay)
+    image = trace.samples[sample]
+    label = int(trace.labels[sample])
+    if image.shape[0] in (1, 3):
+        ax.imshow(_image_array(image), cmap="gray", vmin=0, vmax=1)
+        pixels = image.shape[-1] // keep.shape[-1]  # image pixels per token along a side
+        dropped = np.kron(1 - keep, np.ones((pixels, pixels)))
+        overlay = np.zeros(dropped.shape + (4,))
+        overlay[..., 0], overlay[..., 3] = 1.0, 0.55 * dropped  # red = skips the MLP
+        ax.imshow(overlay)
+        shown = (f"red: skips the MLP; over the final digit {label}" if image.shape[0] == 1 else
+                 f"red: skips the MLP; over the decoded image, class {label}")
+    else:
+        ax.imshow(keep, cmap="gray", vmin=0, vmax=1)
+        shown = f"white: runs the MLP; class {label}, no VAE to decode the latents"
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title(f"t = {trace.timesteps[step]}, block {layer}: {int(keep.sum())}/{keep.size} "
-                 f"tokens kept\n(red: skips the MLP; over the final digit {int(trace.labels[sample])})",
-                 fontsize=TITLE_SIZE - 2)
+                 f"tokens kept\n({shown})", fontsize=TITLE_SIZE - 2)
     return fig
 
 
@@ -142,5 +157,44 @@ def plot_width_curves(traces: Sequence[RoutingTrace], ax: Axes | None = None) ->
     ax.set_ylabel("active share (all blocks)", fontsize=LABEL_SIZE)
     ax.set_title("TDW width vs timestep", fontsize=TITLE_SIZE)
     ax.legend(fontsize=8, loc="lower left")
+    _style(ax)
+    return fig
+
+
+def plot_width_schedules(schedules: dict[str, WidthSchedule]) -> Figure:
+    """The learned TDW schedule of each model at every timestep: active heads and MLP groups
+    per block (one row per model)."""
+    fig = plt.figure(figsize=(13, 4 * len(schedules)), layout="constrained")
+    rows = fig.subplots(len(schedules), 2, squeeze=False)
+    for row, schedule in zip(rows, schedules.values()):
+        plot_width_heatmap(schedule, "heads", ax=row[0])
+        plot_width_heatmap(schedule, "groups", ax=row[1])
+    fig.suptitle("Learned width schedule: every timestep, from the routers alone", fontsize=TITLE_SIZE + 1)
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# What the skipping measured on a device
+# ---------------------------------------------------------------------------
+
+
+def plot_measured_speedup(record: dict, ax: Axes | None = None) -> Figure:
+    """Seconds per sampling step of the static model, the sliced DyDiT and the official-style
+    masked DyDiT (``record``: :func:`dydit_lab.bench.checkpoint.checkpoint_speedup`), each
+    labelled with its speed-up; the dotted line is the static time x the FLOPs fraction."""
+    fig, ax = _axes(ax, figsize=(6.5, 4))
+    paths = [("static (every gate on)", record["static_seconds"], 1.0),
+             ("sliced DyDiT", record["dynamic_seconds"], record["speedup"]),
+             ("masked, official-style", record["masked_seconds"], record["masked_speedup"])]
+    bars = ax.bar([p[0] for p in paths], [p[1] for p in paths], color=[PALETTE[2], PALETTE[0], PALETTE[3]])
+    for bar, (_, seconds, speedup) in zip(bars, paths):
+        ax.annotate(f"{speedup:.2f}x", (bar.get_x() + bar.get_width() / 2, seconds), ha="center",
+                    va="bottom", fontsize=LABEL_SIZE)
+    ideal = record["static_seconds"] * record["flops_ratio"]
+    ax.axhline(ideal, color="black", ls=":", lw=1.2, label=f"ideal (FLOPs fraction {record['flops_ratio']:.3f})")
+    ax.set_ylabel("seconds per sampling step", fontsize=LABEL_SIZE)
+    ax.set_title(f"{display_name(record['name'])} on {record['device_name']} ({record['device']}), "
+                 f"batch {record['batch_size']}", fontsize=TITLE_SIZE)
+    ax.legend(fontsize=8)
     _style(ax)
     return fig

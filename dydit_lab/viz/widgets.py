@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Mapping
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
+from IPython.core.pylabtools import print_figure
 from IPython.display import display
 
 from ..analysis.routing import RoutingTrace
@@ -58,9 +60,10 @@ class RouterExplorer:
         trace = self.trace
         self.t_label.value = f"t = {trace.timesteps[self.step.value]}"
         plot_router_dashboard(trace, self.step.value, self.layer.value, self.sample.value, fig=self.figure)
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(self.figure)
+        # The output widget's state is set, not captured into (``with self.output: display(...)``):
+        # a capture makes an executing nbclient (nbconvert, papermill) answer on the shell channel
+        # it is reading, which can stall the run (jupyter/nbclient#312).
+        self.output.outputs = (figure_output(self.figure),)
         return self.figure
 
     @property
@@ -69,3 +72,10 @@ class RouterExplorer:
 
     def _ipython_display_(self):
         display(self.widget)
+
+
+def figure_output(fig) -> dict:
+    """A Figure as one ``display_data`` output (PNG, as the inline backend draws it)."""
+    png = base64.b64encode(print_figure(fig, "png", bbox_inches="tight")).decode("ascii")
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"image/png": png, "text/plain": repr(fig)}}

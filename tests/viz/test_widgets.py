@@ -1,5 +1,6 @@
 """The ipywidgets router explorer: every control redraws the dashboard."""
 
+import base64
 import io
 
 import pytest
@@ -27,3 +28,15 @@ def _png(fig):
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def test_the_dashboard_is_the_output_widgets_state(traces):
+    """Rendered by setting the output widget's outputs (no capture an executing nbclient would
+    answer on its shell channel): one PNG of the current figure, replaced on every change."""
+    explorer = RouterExplorer(traces)
+    (first,) = explorer.output.outputs
+    assert first["output_type"] == "display_data" and first["data"]["image/png"]
+    assert base64.b64decode(first["data"]["image/png"]).startswith(b"\x89PNG")
+    explorer.step.value = 3
+    (second,) = explorer.output.outputs
+    assert second["data"]["image/png"] != first["data"]["image/png"]

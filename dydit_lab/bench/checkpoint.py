@@ -1,0 +1,62 @@
+"""Timing a trained DyDiT checkpoint (a lab fine-tune or a released DyDiT-XL) on the user's
+device: its really-skipping sliced path and the official-style masked path against the same
+weights with every gate on (the static DiT it was fine-tuned from, in cost), on the inputs of
+a real sampling run of the checkpoint, so its routers see what they see in sampling.
+
+Same timing as ``python -m dydit_lab bench`` (:func:`.run.time_paths`: warm-up, interleaved
+repeats, median), which sets random models' routers to a target instead.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+
+import torch
+
+from ..analysis.routing import RoutingTrace, trace_sampling
+from ..models.dydit import CompleteModel, DyDiT
+from ..paths import resolve_device
+from .run import time_paths
+from .setup import BenchInputs
+
+
+def trace_inputs(trace: RoutingTrace, device="cpu") -> BenchInputs:
+    """The model inputs of every step of a recorded sampling run, as benchmark inputs."""
+    device = torch.device(device)
+    batch = len(trace.labels)
+    return BenchInputs(timesteps=list(trace.timesteps), x=[x.to(device) for x in trace.x_t],
+                       t=[torch.full((batch,), t, dtype=torch.long, device=device) for t in trace.timesteps],
+                       y=trace.labels.to(device))
+
+
+def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repeats: int = 3,
+                       seed: int = 0, device="auto", name: str | None = None) -> dict:
+    """Seconds per sampling step of ``model`` (sliced and masked) and of its complete model,
+    timed on the inputs of a DDIM run of ``steps`` steps (labels 0, 1, ..., ``batch_size``
+    images, no guidance); speed-ups, the FLOPs fraction of the timed routing and what ran where."""
+    if not isinstance(model, DyDiT):
+        raise ValueError(f"a speed-up needs a DyDiT checkpoint, got a {type(model).__name__}")
+    if batch_size < 1 or steps < 1 or repeats < 1:
+        raise ValueError(f"batch_size, steps and repeats must be positive, got {batch_size}, {steps}, {repeats}")
+    device = resolve_device(device)
+    model = model.to(device).eval()
+    labels = torch.arange(batch_size) % model.num_classes
+    trace = trace_sampling(model, labels, steps=steps, seed=seed, device=device, progress=False)
+    timing = time_paths(CompleteModel(model), model, trace_inputs(trace, device), repeats, device)
+    routings = [routing for _, routing in timing["outputs"]["sliced"]]
+    mean = lambda values: float(torch.stack([v.float().mean().cpu() for v in values]).mean())  # noqa: E731
+    flops_ratio = mean(r.flops_fraction(model.config) for r in routings)
+    per_step = {path: statistics.median(times) / steps for path, times in timing["times"].items()}
+    speedup = per_step["static"] / per_step["sliced"]
+    return {
+        "name": name or model.arch or "DyDiT", "arch": model.arch, "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"  # CUDA only
+                        else platform.processor() or platform.machine()),
+        "batch_size": batch_size, "steps": steps, "repeats": repeats, "flops_ratio": flops_ratio,
+        "static_seconds": per_step["static"], "dynamic_seconds": per_step["sliced"],
+        "masked_seconds": per_step["masked"], "speedup": speedup,
+        "masked_speedup": per_step["static"] / per_step["masked"], "ideal_speedup": 1 / flops_ratio,
+        "efficiency": speedup * flops_ratio, "token_keep_rate": mean(r.tokens for r in routings),
+        "num_threads": torch.get_num_threads(),
+    }
