@@ -7,7 +7,7 @@ import torch
 
 from dydit_lab.caching import (CachedModel, LearningToCache, TeaCache, calibrate_teacache, load_coefficients,
                                load_router, save_coefficients, save_router, train_cache_router)
-from dydit_lab import cli
+from dydit_lab.evaluation.metrics import SampleEvaluator
 from dydit_lab.cli import main
 from tests.caching.test_policies import sample, tiny_dit
 
@@ -44,7 +44,7 @@ def test_l2c_training_pushes_towards_reuse(tmp_path):
 
 def test_cli_calibrates_trains_and_evaluates_with_a_cache(exported_parent, tmp_path, capsys, evaluator,
                                                          monkeypatch):
-    monkeypatch.setattr(cli, "SampleEvaluator", lambda classifier, device: evaluator)  # the session's judge
+    monkeypatch.setattr(SampleEvaluator, "from_files", lambda *args, **kwargs: evaluator)  # the session's judge
     main(["calibrate-teacache", "--parent", str(exported_parent), "--steps", "6", "--num-samples", "2",
           "--runs", "3", "--out", str(tmp_path / "tc.json"), "--device", "cpu"])
     assert json.loads((tmp_path / "tc.json").read_text())["arch"] == "DiT-lab-T"
