@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dydit_lab.analysis.routing import describe_models, load_dydits, trace_sampling, width_schedule
+from dydit_lab.bench.checkpoint import checkpoint_speedup
 from dydit_lab.diffusion import GaussianDiffusion
 from dydit_lab.official.vae import decode, load_vae
 from dydit_lab.viz.routing_plots import plot_token_map
@@ -33,3 +34,20 @@ def test_a_released_dydit_traced_through_the_vae(kind, released, vae_dir):
     image, overlay = ax.get_images()
     assert image.get_array().shape == (16, 16, 3) and overlay.get_array().shape == (16, 16, 4)
     assert "decoded image, class 2" in ax.get_title()
+
+
+@pytest.mark.cuda
+def test_notebook_calls_on_cuda_match_cpu(released, vae_dir):
+    """What notebooks 03 and 04 run with device="cuda": the traced run and the timing."""
+    cpu, gpu = (load_dydits(released["dydit-2025"], device=d)["dydit-2025"] for d in ("cpu", "cuda"))
+    run = dict(labels=[2, 0], steps=3, cfg_scale=1.5, progress=False)
+    a = trace_sampling(cpu, vae=load_vae(vae_dir), **run)
+    b = trace_sampling(gpu, vae=load_vae(vae_dir, "cuda"), device="cuda", **run)
+    assert b.samples.device.type == "cpu" and b.samples.shape == a.samples.shape == (2, 3, 16, 16)
+    assert torch.equal(a.heads, b.heads)  # TDW: the same timesteps, strong random routers
+    assert (a.tokens == b.tokens).float().mean() > 0.9
+    assert (a.samples - b.samples).abs().mean() < 0.05
+    record = checkpoint_speedup(gpu, batch_size=2, steps=3, repeats=1, device="cuda")
+    assert record["device"].startswith("cuda") and record["speedup"] > 0
+    assert record["flops_ratio"] == pytest.approx(
+        trace_sampling(gpu, [0, 1], steps=3, device="cuda", progress=False).mean_flops_fraction, rel=1e-6)
