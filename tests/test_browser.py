@@ -68,7 +68,9 @@ class NotebookCase:
 
 
 CASES = [
-    pytest.param(NotebookCase(FIXTURE_NOTEBOOK, copy_to_tmp=True, run_all_s=180), id="explorer_fixture"),
+    # The hermetic fixture is the slow variant: the real notebook 03 exercises the same explorer.
+    pytest.param(NotebookCase(FIXTURE_NOTEBOOK, copy_to_tmp=True, run_all_s=180), id="explorer_fixture",
+                 marks=pytest.mark.slow),
     pytest.param(NotebookCase(REAL_NOTEBOOK, copy_to_tmp=False, run_all_s=600), id="03_router_schedules",
                  marks=pytest.mark.skipif(not REAL_NOTEBOOK.exists(),
                                           reason=f"{REAL_NOTEBOOK.relative_to(ROOT)} does not exist yet "

@@ -200,6 +200,7 @@ def _ddp(tmp_path, *args):
     return tmp_path / "run" / "checkpoint.pt"
 
 
+@pytest.mark.slow  # the same loop as the finetune DDP test, which runs by default
 def test_ddp_gloo_two_processes(tmp_path):
     path = _ddp(tmp_path, "train", "--arch", "DiT-lab-T", "--steps", "3", "--batch-size", "8")
     ckpt = read_checkpoint(path)
@@ -218,6 +219,7 @@ def test_ddp_gloo_two_processes_finetune(exported_parent, tmp_path):
     assert _steps_of(path.parent / "log.csv") == [1, 2, 3]
 
 
+@pytest.mark.slow  # the same loop as the finetune DDP test, which runs by default
 def test_ddp_gloo_two_processes_flexi_finetune(exported_parent, tmp_path):
     path = _ddp(tmp_path, "flexi-finetune", "--parent", str(exported_parent), "--steps", "3", "--batch-size", "8",
                 "--p-coarse", "0.5")

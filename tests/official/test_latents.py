@@ -73,7 +73,6 @@ def test_bad_extraction_input_is_one_line(rgb_folder, vae_dir, tmp_path, capsys)
     assert "multiple of the VAE's downsampling 2" in err
 
 
-@pytest.mark.slow  # the torchrun test below runs the same on two processes
 def test_finetune_a_released_dit_on_latents(latents, released, tmp_path, capsys):
     main(["finetune", "--parent", str(released["dit"]), "--data", str(latents), "--out", str(tmp_path / "ft"),
           "--target-ratio", "0.7", *FINETUNE_FAST])
@@ -109,6 +108,7 @@ def test_train_names_a_latent_size_the_model_does_not_take(latents, tmp_path, ca
     assert "(4, 8, 8)" in err and "(4, 32, 32)" in err
 
 
+@pytest.mark.slow  # the single-process test above runs the same finetune; DDP is covered by tests/test_cli.py
 def test_extract_and_finetune_under_torchrun(latents, rgb_folder, vae_dir, released, tmp_path):
     out = tmp_path / "latents"
     run = run_module("extract-latents", "--images", str(rgb_folder), "--vae", str(vae_dir), "--out", str(out),
