@@ -6,7 +6,8 @@ Lab checkpoints sample in pixel space; a latent model (4 input channels, e.g. th
 DiT-XL/2 or DyDiT-XL) samples latents that a user's VAE folder decodes. A DyDiT runs its
 really-skipping (sliced) path. Under ``torchrun`` the batches are dealt to the ranks in turn;
 batch k is seeded ``seed + k`` whatever the number of ranks, so the images depend only on the
-seed and the batch size, and rank 0 gathers every image into the ``.npz``.
+seed and the batch size, and rank 0 gathers every image into the ``.npz`` through the process
+group (in chunks; no filesystem shared between nodes is needed).
 """
 
 from __future__ import annotations
@@ -143,28 +144,6 @@ def _check_paths(out: Path, npz: Path | None) -> None:
         raise ValueError(f"--npz must name a .npz file, got {npz}")
 
 
-def _gather(images: np.ndarray, indices: list[int], total: int, parts: Path, rank: int, world: int):
-    """Every rank's images in global order, on rank 0 (None elsewhere). The ranks hand them over
-    through files next to the output: the whole set may be far larger than a collective wants."""
-    if world == 1:
-        return images
-    np.savez(parts / f"part{rank:05d}.npz", images=images, indices=np.asarray(indices, np.int64))
-    distributed.barrier(world)
-    if rank != 0:
-        return None
-    out = None
-    for r in range(world):
-        path = parts / f"part{r:05d}.npz"
-        with np.load(path) as part:
-            if len(part["indices"]):  # a rank may have had no batch (fewer batches than ranks)
-                if out is None:
-                    out = np.empty((total, *part["images"].shape[1:]), np.uint8)
-                out[part["indices"]] = part["images"]
-        path.unlink()
-    parts.rmdir()
-    return out
-
-
 def sample_to_files(checkpoint: str | Path, out: str | Path, *, arch: str | None = None, vae: str | Path | None = None,
                     classes: str | None = None, num_samples: int | None = None, steps: int = 250,
                     method: str = "ddpm", cfg_scale: float = 1.5, seed: int = 0, batch_size: int = 32,
@@ -216,11 +195,7 @@ def sample_to_files(checkpoint: str | Path, out: str | Path, *, arch: str | None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     local = np.concatenate(images) if images else np.empty((0, 0, 0, 0), np.uint8)
-    parts = out.parent / f".{out.stem}-parts"
-    if world > 1 and rank == 0:
-        parts.mkdir(parents=True, exist_ok=True)
-    distributed.barrier(world)
-    every = _gather(local, indices, len(labels), parts, rank, world)
+    every = distributed.gather_rows(local, indices, len(labels), rank, world, device)
     seconds = time.perf_counter() - start
     summary = {"checkpoint": str(checkpoint), "model": type(model).__name__, "arch": model.arch,
                "num_samples": len(labels), "processes": world, "steps": steps, "method": method,
