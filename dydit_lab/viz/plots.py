@@ -312,6 +312,6 @@ def plot_strategies(table: pd.DataFrame) -> Figure:
             _style(ax)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, title="strategy", loc="outside right center", fontsize=8)
-    fig.suptitle("Spending less compute per image: fewer steps, DyDiT, FlexiDiT and feature caching "
-                 "(same parent, DiT-lab-L)", fontsize=TITLE_SIZE)
+    families = ", ".join(dict.fromkeys(table["strategy"]))
+    fig.suptitle(f"Spending less compute per image: {families}", fontsize=TITLE_SIZE)
     return fig
