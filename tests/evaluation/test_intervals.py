@@ -17,7 +17,7 @@ def test_intervals_bracket_the_accuracy_and_shrink_with_more_samples():
         accuracy = correct.float().mean().item()
         assert iv["accuracy_lo"] <= accuracy <= iv["accuracy_hi"]
         fd = frechet_distance(gaussian_stats(features), reference)
-        assert iv["fd_lenet_lo"] < iv["fd_lenet_hi"] and iv["fd_lenet_hi"] >= fd
+        assert iv["fd_lenet_lo"] <= fd <= iv["fd_lenet_hi"]  # the estimate lies inside its interval
         widths.append(iv["accuracy_hi"] - iv["accuracy_lo"])
     assert widths[1] < widths[0] / 2  # 16x the samples: about a quarter of the width
 
@@ -30,3 +30,17 @@ def test_intervals_are_reproducible_and_reject_too_few_rounds():
         bootstrap_intervals(features, correct, reference, 50, seed=3)
     with pytest.raises(ValueError, match="at least 2 rounds"):
         bootstrap_intervals(features, correct, reference, rounds=1)
+
+
+def test_the_fd_interval_holds_its_estimate_where_the_percentile_one_does_not():
+    # Features close to the reference: FD is small and the resampling bias exceeds the spread.
+    gen = torch.Generator().manual_seed(0)
+    reference_features = torch.randn(5000, 16, generator=gen)
+    features = reference_features[:1000] + 0.05 * torch.randn(1000, 16, generator=gen)
+    reference = gaussian_stats(reference_features)
+    fd = frechet_distance(gaussian_stats(features), reference)
+    iv = bootstrap_intervals(features, torch.ones(1000, dtype=torch.bool), reference, rounds=200, seed=0)
+    assert iv["fd_lenet_lo"] <= fd <= iv["fd_lenet_hi"]
+    resampled = [frechet_distance(gaussian_stats(features[torch.randint(1000, (1000,), generator=gen)]), reference)
+                 for _ in range(50)]
+    assert min(resampled) > fd  # the plain percentile interval would lie wholly above the estimate
