@@ -229,9 +229,12 @@ def quality_vs_flops_figure(results: str | Path = RESULTS_CSV):
 
 
 def quality_table(results: str | Path = RESULTS_CSV) -> pd.DataFrame:
-    """The evaluated models of ``results`` (no strategy rows except the DyDiTs, no real-val)."""
+    """The evaluated models of ``results`` (no strategy rows except the DyDiTs, no sweep rows:
+    those are per-seed runs for the trade-off notebook; no real-val)."""
     table = pd.read_csv(results)
     table = table[table["name"] != "real-val"].dropna(subset=["gflops_per_step", "fd_lenet"])
+    if "sweep" in table.columns:
+        table = table[table["sweep"].isna()]
     if "strategy" in table.columns:  # of notebook 05's sweep, only the DyDiT checkpoints belong here
         table = table[table["strategy"].isna() | (table["strategy"] == "DyDiT")]
     if table.empty:

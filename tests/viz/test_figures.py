@@ -34,8 +34,9 @@ def test_speedup_figure_reads_json_and_csv(tmp_path):
 
 def test_quality_vs_flops_figure(tmp_path):
     path = tmp_path / "results.csv"
-    path.write_text("name,accuracy,fd_lenet,gflops_per_step\nreal-val,0.98,4.1,\n"
-                    "DiT-lab-S,0.6,40,0.015\nDiT-lab-L,0.9,20,0.11\n")
+    path.write_text("name,accuracy,fd_lenet,gflops_per_step,sweep\nreal-val,0.98,4.1,,\n"
+                    "DiT-lab-S,0.6,40,0.015,\nDiT-lab-L,0.9,20,0.11,\n"
+                    "parent: seed=0,0.95,6,0.11,parent\n")  # sweep rows belong to the trade-off notebook
     fig, table = figures.quality_vs_flops_figure(path)
     assert list(table["name"]) == ["DiT-lab-S", "DiT-lab-L"] and len(fig.axes) == 2
 
