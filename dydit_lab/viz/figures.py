@@ -52,11 +52,6 @@ def lab_model(name: str, device="cpu"):
     return load_model(checkpoint_path(name), device=device)
 
 
-def lab_models(names=LAB_MODELS, device="cpu") -> dict:
-    """The committed lab models by name, e.g. ``{"DiT-lab-S": DiT, "DiT-lab-L": DiT}``."""
-    return {name: lab_model(name, device) for name in names}
-
-
 # ---------------------------------------------------------------------------
 # Foundation: sample grids
 # ---------------------------------------------------------------------------
