@@ -51,7 +51,8 @@ def profile_pass(fn, inputs: BenchInputs, device: torch.device, top: int = 12) -
     total = sum(e.self_cpu_time_total for e in events)
     shares: dict[str, float] = {}
     for event in events:
-        shares[category(event.key)] = shares.get(category(event.key), 0.0) + event.self_cpu_time_total / total
+        name = category(event.key)
+        shares[name] = shares.get(name, 0.0) + event.self_cpu_time_total / total
     ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {"self_ms": total / 1e3,
             "categories": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
