@@ -13,6 +13,7 @@ from dydit_lab.models.flexidit import FlexiDiT
 from dydit_lab.paths import CHECKPOINT_DIR
 
 CHECKPOINTS = sorted(CHECKPOINT_DIR.glob("*.pt"))
+PARENTS = sorted((CHECKPOINT_DIR.parent / "parents").glob("*.pt"))  # sweep parents (scored as sweep rows)
 EXPECTED_CLASS = {"DiT": dydit_lab.DiT, "DyDiT": DyDiT, "FlexiDiT": FlexiDiT}
 
 
@@ -21,7 +22,7 @@ def test_the_lab_checkpoints_are_committed():
     assert {"DiT-lab-S.pt", "DiT-lab-L.pt", "DyDiT-lab-L-0.7.pt", "DyDiT-lab-L-0.5.pt"} <= names
 
 
-@pytest.mark.parametrize("path", CHECKPOINTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CHECKPOINTS + PARENTS, ids=lambda p: p.name)
 def test_committed_checkpoint_loads_as_its_family_and_is_small(path):
     assert path.stat().st_size < 10 * 2**20
     model = dydit_lab.load_model(path)

@@ -111,13 +111,25 @@ def test_only_restricts_the_grid_and_names_a_bad_key(tmp_path, tiny_parent, caps
     assert "seed=0" in err and "target_ratio" in err
 
 
-@pytest.mark.parametrize("name", ["lambda", "controls", "ablations", "parents-S", "parents-L"])
+@pytest.mark.parametrize("name", ["lambda", "recipe-0.5", "controls", "ablations", "parents-S", "parents-L"])
 def test_committed_specs_are_valid(name):
     from dydit_lab.paths import DATA_DIR
 
     runs = plan_runs(read_spec(DATA_DIR / "sweeps" / f"{name}.toml"))
-    assert len(runs) == {"lambda": 21, "controls": 3, "ablations": 6, "parents-S": 2, "parents-L": 2}[name]
+    assert len(runs) == {"lambda": 21, "recipe-0.5": 5, "controls": 3, "ablations": 6, "parents-S": 2, "parents-L": 2}[name]
     assert len({r.folder for r in runs}) == len(runs) and len({r.name for r in runs}) == len(runs)
+
+
+def test_the_recipe_spec_shares_the_lambda_sweeps_runs():
+    from dydit_lab.paths import DATA_DIR
+
+    lam = {r.name: r for r in plan_runs(read_spec(DATA_DIR / "sweeps" / "lambda.toml"))}
+    recipe = plan_runs(read_spec(DATA_DIR / "sweeps" / "recipe-0.5.toml"))
+    shared = [r for r in recipe if r.name in lam]
+    assert [r.values["seed"] for r in shared] == [0, 1, 2]
+    for run in shared:  # same folder and config, so a run trained by either spec is done for both
+        assert run.folder == lam[run.name].folder
+        assert run.config == lam[run.name].config
 
 
 def test_both_weights_get_their_own_rows(tmp_path, tiny_parent):
