@@ -147,6 +147,9 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
     routing_agree = all(
         torch.equal(a.heads, b.heads) and torch.equal(a.groups, b.groups)
         and torch.equal(a.tokens, b.tokens) for a, b in zip(sliced_routings, masked_routings))
+    # A token whose router score sits at the threshold can flip between the two paths (their
+    # float sums differ in order); one flipped token makes the outputs differ by its MLP update.
+    flipped = sum(int((a.tokens != b.tokens).sum()) for a, b in zip(sliced_routings, masked_routings))
     max_diff = max(float((a - b).abs().max()) for (a, _), (b, _) in zip(outs["sliced"], outs["masked"]))
 
     per_step = lambda name: statistics.median(timing["times"][name]) / steps  # noqa: E731
@@ -187,6 +190,8 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
         "masked_pass_seconds": timing["times"]["masked"],
         "routing_agree": routing_agree,
         "max_abs_diff_sliced_masked": max_diff,
+        "token_decisions_flipped": flipped,
+        "token_decisions": sum(r.tokens.numel() for r in sliced_routings),
         **setting.as_dict(),
         "torch_version": torch.__version__,
         "num_threads": torch.get_num_threads(),

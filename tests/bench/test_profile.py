@@ -1,8 +1,9 @@
 """The profile of the benchmark's paths (dydit_lab.bench.profile): op categories, shares, text."""
 
 import pytest
+import torch
 
-from dydit_lab.bench.profile import category, describe_profile, profile_paths, run_profile
+from dydit_lab.bench.profile import category, describe_profile, profile_pass, profile_paths, run_profile
 from dydit_lab.bench.setup import set_routers
 from dydit_lab.cli import main
 from tests.helpers import BENCH_ARCH
@@ -28,6 +29,14 @@ def test_profile_of_both_paths_adds_up(models, inputs):
         assert shares == sorted(shares, reverse=True) and all(op["calls"] > 0 for op in part["top_ops"])
     # Only the sliced path gathers the kept tokens.
     assert result["sliced"]["categories"].get("token gather/scatter", 0) > 0
+
+
+def test_every_step_is_warmed_up_before_the_profile(inputs):
+    # Each step has its own widths; slicing them is a once-per-run cost that must stay out of the profile.
+    seen = []
+    profile_pass(lambda x, t, y: seen.append(int(t[0])), inputs, torch.device("cpu"), top=1)
+    steps = [int(t[0]) for t in inputs.t]
+    assert seen == steps + steps
 
 
 def test_run_profile_describes_itself():

@@ -21,7 +21,7 @@ def result(models):
                                device="cpu", models=models)
 
 
-def test_result_has_all_keys_and_sane_values(result):
+def test_result_has_all_keys_and_sane_values(result, models):
     assert REQUIRED_KEYS <= set(result)
     json.loads(json.dumps(result))  # JSON-ready
     assert result["arch"] == ARCH and result["device"] == "cpu"
@@ -39,6 +39,8 @@ def test_result_has_all_keys_and_sane_values(result):
     assert len(per_step) == STEPS and sum(per_step) / STEPS == pytest.approx(result["flops_ratio"])
     assert per_step == sorted(per_step)  # cheapest at the noisiest step (listed first)
     assert result["routing_agree"] and result["max_abs_diff_sliced_masked"] < 1e-4
+    assert result["token_decisions_flipped"] == 0
+    assert result["token_decisions"] == STEPS * result["batch_size"] * len(models[0].blocks) * result["tokens"]
     assert result["torch_version"] == torch.__version__ and result["num_threads"] >= 1
     datetime.fromisoformat(result["timestamp"])
 
