@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from ..models.dit import DiT
 from ..models.dydit import DyDiT
 from ..paths import resolve_device
-from .setup import BenchInputs, build_models, make_inputs, set_routers
+from .setup import BenchInputs, prepare_bench
 
 # Category of an op by its name (first match wins); anything else is "other".
 CATEGORIES = (
@@ -73,16 +73,11 @@ def run_profile(arch: str, input_size: int = 32, target_ratio: float = 0.5, batc
                 steps: int = 2, device: str = "auto", seed: int = 0, threads: int | None = None,
                 top: int = 12) -> dict:
     """Build the benchmark's models (routers set for ``target_ratio``) and profile both paths."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
-    dit, dydit = build_models(arch, input_size, dev, seed)
-    inputs = make_inputs(dit, batch_size, steps, seed)
-    set_routers(dydit, inputs, target_ratio)
-    dydit.clear_slice_cache()
-    result = profile_paths(dit, dydit, inputs, dev, top)
+    bench = prepare_bench(arch, input_size, target_ratio, batch_size, steps, resolve_device(device), seed,
+                          threads=threads)
+    result = profile_paths(bench.dit, bench.dydit, bench.inputs, bench.device, top)
     return {"arch": arch, "batch_size": batch_size, "steps": steps, "target_ratio": target_ratio,
-            "num_threads": torch.get_num_threads(), "device": str(dev), **result}
+            "num_threads": torch.get_num_threads(), "device": str(bench.device), **result}
 
 
 def describe_profile(result: dict) -> str:

@@ -21,7 +21,7 @@ from ..models.dit import DiT
 from ..models.dydit import DyDiT
 from ..models.routers import Routing
 from ..paths import resolve_device
-from .setup import build_models, BenchInputs, make_inputs, check_target, set_routers, DEFAULT_KEEP_RATE, DEFAULT_WIDTH_SLOPE
+from .setup import build_models, BenchInputs, prepare_bench, DEFAULT_KEEP_RATE, DEFAULT_WIDTH_SLOPE
 
 
 # ---------------------------------------------------------------------------
@@ -111,31 +111,17 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
     paths; returns the result record (JSON-ready). ``threads`` sets torch's intra-op thread
     count (default: leave torch's choice, i.e. all cores or OMP_NUM_THREADS). Raises
     ValueError for a bad arch, device, target ratio, batch size, step or repeat count."""
-    cfg = get_config(arch, input_size=input_size)
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be positive, got {threads}")
-        torch.set_num_threads(threads)
-    check_target(cfg, target_ratio)
     if repeats < 1:
         raise ValueError(f"repeats must be positive, got {repeats}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    dev = resolve_device(device)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
-    if models is None:
-        dit, dydit = build_models(arch, input_size, dev, seed)
-        say(f"built {arch} x2 in {time.perf_counter() - t0:.1f}s")
-    else:
-        dit, dydit = models
-    inputs = make_inputs(dit, batch_size, steps, seed)
-    t1 = time.perf_counter()
-    setting = set_routers(dydit, inputs, target_ratio, keep_rate=keep_rate, width_slope=width_slope)
-    dydit.clear_slice_cache()
-    say(f"routers set in {time.perf_counter() - t1:.1f}s ({setting.iterations} passes): "
-        f"{setting.flops_ratio:.4f} of the FLOPs")
+    bench = prepare_bench(arch, input_size, target_ratio, batch_size, steps, resolve_device(device), seed,
+                          keep_rate, width_slope, threads, models)
+    cfg, dit, dydit, inputs, setting, dev = (bench.dit.config, bench.dit, bench.dydit, bench.inputs,
+                                             bench.setting, bench.device)
+    say(f"models, inputs and routers ready in {time.perf_counter() - t0:.1f}s ({setting.iterations} "
+        f"calibration passes): {setting.flops_ratio:.4f} of the FLOPs")
     t2 = time.perf_counter()
     timing = time_paths(dit, dydit, inputs, repeats, dev)
     say(f"timed in {time.perf_counter() - t2:.1f}s")

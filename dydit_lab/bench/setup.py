@@ -364,3 +364,42 @@ def set_routers(model: DyDiT, inputs: BenchInputs, target_ratio: float, *,
         raise RuntimeError(f"router setting reached {measured:.4f}, not {target_ratio} +- {tolerance}")
     per_step = per_sample.view(steps, B).mean(1).tolist()
     return RouterSetting(target_ratio, knobs[idx], width_slope, p, measured, iteration, fit_err, per_step)
+
+
+# ---------------------------------------------------------------------------
+# One prepared benchmark (shared by the timing run and the profile)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedBench:
+    """The models, inputs and router setting one benchmark (or profile) runs on."""
+
+    dit: DiT
+    dydit: DyDiT
+    inputs: BenchInputs
+    setting: RouterSetting
+    device: torch.device
+
+
+def prepare_bench(arch: str, input_size: int = 32, target_ratio: float = 0.5, batch_size: int = 2,
+                  steps: int = 4, device: str | torch.device = "cpu", seed: int = 0,
+                  keep_rate: float = DEFAULT_KEEP_RATE, width_slope: float = DEFAULT_WIDTH_SLOPE,
+                  threads: int | None = None, models: tuple[DiT, DyDiT] | None = None) -> PreparedBench:
+    """Check the arguments, set torch's intra-op ``threads`` (None: leave torch's choice), build
+    (or reuse) the models, make the inputs and set the routers for ``target_ratio``; the
+    sliced-weight cache starts empty. Raises ValueError for a bad arch, target, batch or thread count."""
+    cfg = get_config(arch, input_size=input_size)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    check_target(cfg, target_ratio)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = torch.device(device)
+    dit, dydit = models if models is not None else build_models(arch, input_size, device, seed)
+    inputs = make_inputs(dit, batch_size, steps, seed)
+    setting = set_routers(dydit, inputs, target_ratio, keep_rate=keep_rate, width_slope=width_slope)
+    dydit.clear_slice_cache()
+    return PreparedBench(dit, dydit, inputs, setting, device)

@@ -106,3 +106,16 @@ def test_other_tiny_arch_hits_target():
     assert abs(setting.flops_ratio - 0.5) <= 0.02
     assert setting.per_step == sorted(setting.per_step)
 
+
+
+def test_prepare_bench_sets_the_routers_and_checks_its_arguments(models):
+    from tests.helpers import BENCH_ARCH
+
+    prepared = bench.prepare_bench(BENCH_ARCH, target_ratio=0.5, batch_size=BATCH, steps=STEPS, models=models)
+    assert abs(prepared.setting.flops_ratio - 0.5) <= 0.02
+    assert prepared.inputs.batch_size == BATCH and len(prepared.inputs.timesteps) == STEPS
+    assert all(not block._slice_cache for block in prepared.dydit.blocks)  # timing starts cold
+    for bad, match in (({"threads": 0}, "threads"), ({"batch_size": 0}, "batch_size"),
+                       ({"target_ratio": 1.5}, "target")):
+        with pytest.raises(ValueError, match=match):
+            bench.prepare_bench(BENCH_ARCH, **{"steps": STEPS, **bad}, models=models)
