@@ -17,12 +17,6 @@ from tests.helpers import tiny_model  # noqa: E402
 TS = range(0, 1000, 200)
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
 @pytest.fixture(scope="module")
 def runs():
     """Per-run losses of two tiny runs per size on 3 random images, 5 timesteps, 3 samples each."""

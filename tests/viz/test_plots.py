@@ -22,12 +22,6 @@ from dydit_lab.viz.plots import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
