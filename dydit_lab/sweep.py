@@ -9,6 +9,7 @@ A spec is TOML (paths relative to the repository root)::
     out = "runs/sweep-lambda"        # one sub-folder per run
     weights = "model"                # evaluate the online weights ("ema": the EMA; ["model", "ema"]: both)
     results = "data/results.csv"
+    logs = "data/sweep-logs/lambda"  # optional: each run's small logs (routing.csv) copied here, to commit
 
     [config]                         # flags shared by every run (names as in the command's --help)
     parent = "data/checkpoints/DiT-lab-L.pt"
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,23 @@ class SweepSpec:
     evaluate: dict = field(default_factory=dict)
     weights: str | list = "model"
     results: str = str(RESULTS_CSV)
+    logs: str = ""  # a folder for each run's small logs (KEPT_LOGS), so analyses work on a fresh clone
+
+
+KEPT_LOGS = ("routing.csv",)  # per-run files small enough to commit (a checkpoint is not)
+
+
+def keep_logs(run: "Run", logs: str | Path) -> list[Path]:
+    """Copy the run folder's :data:`KEPT_LOGS` that exist to ``logs/<run folder name>/``."""
+    copied = []
+    for name in KEPT_LOGS:
+        source = run.folder / name
+        if source.exists():
+            target = Path(_repo_path(str(logs))) / run.folder.name / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            copied.append(target)
+    return copied
 
 
 @dataclass
@@ -177,7 +196,11 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print, on
         state = "done" if not todo else ("trained" if step >= run.config.steps else
                                           f"resume at {step}" if step else "train")
         log(f"{run.name}: {state}")
-        if not todo or dry_run:
+        if dry_run:
+            continue
+        if not todo:
+            if spec.logs:  # e.g. a spec that gained `logs` after its runs were done
+                keep_logs(run, spec.logs)
             continue
         if step < run.config.steps:
             COMMANDS[spec.command][1](dataclasses.replace(run.config, resume=step > 0))
@@ -197,4 +220,6 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print, on
             log(f"  {weights} weights, sampling seed {seed}: FD-LeNet {metrics['fd_lenet']:.2f} "
                 f"[{metrics.get('fd_lenet_lo', float('nan')):.2f}, {metrics.get('fd_lenet_hi', float('nan')):.2f}], "
                 f"accuracy {metrics['accuracy']:.3f}")
+        if spec.logs:
+            keep_logs(run, spec.logs)
     return rows

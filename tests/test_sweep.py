@@ -120,6 +120,19 @@ def test_committed_specs_are_valid(name):
     assert len({r.folder for r in runs}) == len(runs) and len({r.name for r in runs}) == len(runs)
 
 
+def test_logs_are_kept_for_committing(tmp_path, tiny_parent):
+    spec = write_spec(tmp_path, tiny_parent, steps=2)
+    text = spec.read_text().replace('results = ', f'logs = "{tmp_path / "logs"}"\nresults = ')
+    spec.write_text(text.replace("batch_size = 8", "routing_log_every = 1\nbatch_size = 8")
+                    .replace("target_ratio = [0.5, 0.9]", "target_ratio = [0.5]"))
+    run_spec(read_spec(spec), device="cpu", log=lambda line: None)
+    kept = tmp_path / "logs" / "target_ratio0.5" / "routing.csv"
+    assert kept.read_text() == (tmp_path / "runs" / "target_ratio0.5" / "routing.csv").read_text()
+    kept.unlink()
+    run_spec(read_spec(spec), device="cpu", log=lambda line: None)  # done: logs copied again, nothing retrained
+    assert kept.exists()
+
+
 def test_the_recipe_spec_shares_the_lambda_sweeps_runs():
     from dydit_lab.paths import DATA_DIR
 
