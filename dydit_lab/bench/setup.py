@@ -366,15 +366,9 @@ def set_routers(model: DyDiT, inputs: BenchInputs, target_ratio: float, *,
     return RouterSetting(target_ratio, knobs[idx], width_slope, p, measured, iteration, fit_err, per_step)
 
 
-# ---------------------------------------------------------------------------
-# One prepared benchmark (shared by the timing run and the profile)
-# ---------------------------------------------------------------------------
-
-
 @dataclass
 class PreparedBench:
     """The models, inputs and router setting one benchmark (or profile) runs on."""
-
     dit: DiT
     dydit: DyDiT
     inputs: BenchInputs
