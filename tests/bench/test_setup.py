@@ -7,7 +7,7 @@ import torch
 from dydit_lab.bench import setup as bench
 from dydit_lab.bench.run import run_benchmark
 from dydit_lab.flops import dydit_flops_bounds
-from tests.helpers import BENCH_BATCH as BATCH, BENCH_STEPS as STEPS
+from tests.helpers import BENCH_ARCH, BENCH_BATCH as BATCH, BENCH_STEPS as STEPS
 
 
 @torch.no_grad()
@@ -107,10 +107,7 @@ def test_other_tiny_arch_hits_target():
     assert setting.per_step == sorted(setting.per_step)
 
 
-
 def test_prepare_bench_sets_the_routers_and_checks_its_arguments(models):
-    from tests.helpers import BENCH_ARCH
-
     prepared = bench.prepare_bench(BENCH_ARCH, target_ratio=0.5, batch_size=BATCH, steps=STEPS, models=models)
     assert abs(prepared.setting.flops_ratio - 0.5) <= 0.02
     assert prepared.inputs.batch_size == BATCH and len(prepared.inputs.timesteps) == STEPS
