@@ -45,6 +45,7 @@ class FinetuneConfig(LoopConfig):
     complete_model_steps: int = 0  # co-train the all-on model for the first N steps (official stage 1; lab: 0)
     noise_off_step: int = 900  # Gumbel noise fades from anneal_steps to 0 here, then gates as in sampling (0: never)
     router_objective: str = "relative"  # relative: routers weigh each t's loss by 1 / the parent's loss there; absolute: official
+    model_objective: str = "absolute"  # the DiT weights' loss: absolute: the diffusion loss (official); relative: as the routers
     distill: float = 0.0  # regress on (1 - distill) * noise + distill * the parent's prediction (0: official)
     routers: str = "both"  # both; tdw: width routers only (every token kept); sdt: token routers only (full width)
     ema_decay: float = 0.995  # kept, but export the online weights: an EMA of router weights routes differently
@@ -184,7 +185,7 @@ class DyDiTObjective(Objective):
 
     def prepare(self, model, diffusion, images, labels):
         self.model = model
-        if self.cfg.router_objective == "relative":  # measured on the parent, before any step (and on resume)
+        if "relative" in (self.cfg.router_objective, self.cfg.model_objective):  # on the parent, before any step (and on resume)
             self.profile = loss_profile(model, diffusion, images, labels, torch.Generator().manual_seed(self.cfg.seed))
 
     def timesteps(self, batch, num_timesteps, generator):
@@ -199,7 +200,11 @@ class DyDiTObjective(Objective):
         model.set_gumbel_noise(noise_scale)
         out, routing = forward(x_t, batch.t, batch.y, return_routing=True)
         terms = diffusion.losses_from_output(out, batch.x0, x_t, batch.t, target_eps, batch.weights)
-        dynamic = terms["loss"].mean()
+        objectives = {"absolute": terms["loss"].mean()}
+        if self.profile is not None:
+            objectives["relative"] = (terms["mse"] * relative_weights(batch.t, self.profile, diffusion.num_timesteps)
+                                      + terms.get("vb", 0.0)).mean()
+        dynamic = objectives[cfg.model_objective]
         fraction = routing.block_flops_fraction(model.config).mean()
         target = target_at(batch.step, cfg)
         flops_penalty = cfg.flops_weight * (fraction - target) ** 2
@@ -211,11 +216,9 @@ class DyDiTObjective(Objective):
                                                     batch.weights)["loss"].mean()
             loss = loss + complete
         override = None
-        if self.profile is not None:  # the routers' own objective; the weights keep the diffusion loss
-            relative = (terms["mse"] * relative_weights(batch.t, self.profile, diffusion.num_timesteps)
-                        + terms.get("vb", 0.0))
-            override = (self.router_params, relative.mean() + flops_penalty)
-        log = {"loss": dynamic.item(), "complete_loss": complete.item(), "flops_fraction": fraction.item(),
+        if cfg.router_objective != cfg.model_objective:  # the routers' own objective
+            override = (self.router_params, objectives[cfg.router_objective] + flops_penalty)
+        log = {"loss": objectives["absolute"].item(), "complete_loss": complete.item(), "flops_fraction": fraction.item(),
                "target": target, "gumbel_noise": noise_scale, "heads": routing.heads.mean().item(),
                "groups": routing.groups.mean().item(), "tokens": routing.tokens.mean().item()}
         due = cfg.routing_log_every and (batch.step + 1) % cfg.routing_log_every == 0
@@ -240,8 +243,9 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f"routers must be both, tdw or sdt, got {cfg.routers!r}")
     if not 0 < cfg.target_ratio <= 1:
         raise ValueError(f"target_ratio must be in (0, 1], got {cfg.target_ratio}")
-    if cfg.router_objective not in ("relative", "absolute"):
-        raise ValueError(f"router_objective must be relative or absolute, got {cfg.router_objective!r}")
+    for name in ("router_objective", "model_objective"):
+        if getattr(cfg, name) not in ("relative", "absolute"):
+            raise ValueError(f"{name} must be relative or absolute, got {getattr(cfg, name)!r}")
     if not 0 <= cfg.distill <= 1:
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     if cfg.noise_off_step and not cfg.anneal_steps < cfg.noise_off_step <= cfg.steps:

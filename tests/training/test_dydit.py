@@ -11,6 +11,7 @@ from dydit_lab.data import load_dataset
 from dydit_lab.diffusion import GaussianDiffusion
 from dydit_lab.models.dydit import DyDiT
 from dydit_lab.models.routers import Routing
+from dydit_lab.training.loop import Batch
 from dydit_lab.training.dydit import (PROFILE_BINS, ROUTING_LOG_FIELDS, DyDiTObjective, FinetuneConfig,
                                       distillation_target, finetune, gumbel_noise_at, load_parent, loss_profile,
                                       per_block_routing, relative_weights, target_at)
@@ -159,9 +160,34 @@ def test_objective_gives_the_routers_their_own_group_and_lr(parent):
     assert torch.bincount(t // 250, minlength=4).tolist() == [16] * 4  # stratified
 
 
+def test_model_objective_relative_weighs_the_dit_weights_loss_like_the_routers(parent):
+    images, labels = load_dataset("mnist", "val").tensors
+    diffusion = GaussianDiffusion(learn_sigma=False)
+    results = {}
+    for model_objective in ("absolute", "relative"):
+        objective = DyDiTObjective(FinetuneConfig(parent=str(parent), model_objective=model_objective, batch_size=8))
+        model = objective.build(torch.device("cpu"))
+        objective.param_groups(model)
+        objective.prepare(model, diffusion, images, labels)
+        torch.manual_seed(0)
+        t = torch.tensor([5, 200, 400, 600, 800, 950, 990, 999])
+        batch = Batch(images[:8], labels[:8], t, torch.randn(8, 1, 32, 32), None, step=0)
+        outputs = []
+        result = objective.loss(lambda *a, **k: outputs.append(model(*a, **k)) or outputs[-1], diffusion, batch)
+        mse = diffusion.losses_from_output(outputs[0][0].detach(), batch.x0, None, t, batch.noise)["mse"]
+        results[model_objective] = result, mse, relative_weights(t, objective.profile, 1000)
+    (absolute, mse, weights), (relative, _, _) = results["absolute"], results["relative"]
+    for result, expected in ((absolute, mse.mean()), (relative, (mse * weights).mean())):
+        penalty = 2.0 * (result.log["flops_fraction"] - result.log["target"]) ** 2
+        assert result.loss.item() == pytest.approx(expected.item() + penalty, rel=1e-4)
+    assert absolute.override is not None and relative.override is None  # one objective for both
+    assert relative.log["loss"] == pytest.approx(absolute.log["loss"], rel=1e-5)  # the log stays comparable
+
+
 def test_finetune_config_is_checked(parent):
     for bad, match in [({"target_ratio": 0.0}, "target_ratio"), ({"target_ratio": 1.5}, "target_ratio"),
-                       ({"router_objective": "both"}, "router_objective")]:
+                       ({"router_objective": "both"}, "router_objective"),
+                       ({"model_objective": "x0"}, "model_objective")]:
         with pytest.raises(ValueError, match=match):
             finetune(FinetuneConfig(parent=str(parent), **bad))
 
