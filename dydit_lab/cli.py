@@ -10,6 +10,7 @@ import os
 import re
 import sys
 
+from .analysis.commands import add_commands as add_analysis_commands
 from .bench.profile import describe_profile, run_profile
 from .bench.run import parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
 from .caching.commands import add_commands as add_caching_commands
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     add_caching_commands(sub)  # calibrate-teacache, train-cache-router
+    add_analysis_commands(sub)  # loss-per-t
 
     p = sub.add_parser("finetune", help="FLOPs-constrained fine-tuning of a DiT into a DyDiT")
     _add_dataclass_flags(p, FinetuneConfig)
