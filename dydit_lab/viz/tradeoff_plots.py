@@ -8,7 +8,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .plots import LABEL_SIZE, PALETTE, TITLE_SIZE, _style
+from ..analysis.loss_gap import loss_gap
+from .plots import LABEL_SIZE, PALETTE, TITLE_SIZE, _axes, _style
 
 PANELS = (("fd_lenet", "FD-LeNet (lower is better)"), ("accuracy", "class accuracy (higher is better)"))
 
@@ -52,3 +53,33 @@ def _ranged(ax, summary: pd.DataFrame, metric: str, colour, fmt: str, label: str
     ax.errorbar(x, y, yerr=[y - summary[f"{metric}_min"], summary[f"{metric}_max"] - y],
                 xerr=[x - summary["gflops_per_image_min"], summary["gflops_per_image_max"] - x],
                 fmt=fmt, color=colour, capsize=3, ms=6, label=label, zorder=3)
+
+
+def plot_loss_ratios(table: pd.DataFrame, reference: str, names: list[str] | None = None,
+                     confidence: float = 0.95, ax=None) -> Figure:
+    """Each model's noise-prediction loss divided by ``reference``'s, per timestep, with a
+    ``confidence`` band of the paired difference (evaluation noise: which images and noise).
+
+    ``table``: :func:`~dydit_lab.analysis.loss_gap.per_timestep_loss` rows (``model, t, sample,
+    mse``; ``python -m dydit_lab loss-per-t`` writes them). ``names``: the models to draw
+    (default: every model but the reference). A ratio of 1 is the reference's loss.
+    """
+    names = [m for m in table["model"].unique() if m != reference] if names is None else list(names)
+    if not names:
+        raise ValueError("no models to compare with the reference")
+    fig, ax = _axes(ax, figsize=(8, 4.5))
+    for i, name in enumerate(names):
+        gap = loss_gap(table, small=name, large=reference, confidence=confidence)
+        colour = PALETTE[i % len(PALETTE)]
+        ax.fill_between(gap["t"], 1 + gap["gap_lo"] / gap["large"], 1 + gap["gap_hi"] / gap["large"],
+                        color=colour, alpha=0.2, lw=0)
+        ax.plot(gap["t"], 1 + gap["relative_gap"], "o-", ms=3, color=colour, label=name)
+    ax.axhline(1.0, color="0.3", lw=1, ls="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("timestep t (999: pure noise)", fontsize=LABEL_SIZE)
+    ax.set_ylabel(f"loss / {reference}'s loss", fontsize=LABEL_SIZE)
+    ax.set_title(f"Noise-prediction loss relative to {reference} (bands: {confidence:.0%} CI)", fontsize=TITLE_SIZE)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    _style(ax)
+    return fig

@@ -6,9 +6,10 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 
 from dydit_lab.analysis.tradeoff import seed_summary  # noqa: E402
-from dydit_lab.viz.tradeoff_plots import plot_tradeoff  # noqa: E402
+from dydit_lab.viz.tradeoff_plots import plot_loss_ratios, plot_tradeoff  # noqa: E402
 
 
 def test_plot_tradeoff_draws_ranges_references_and_controls():
@@ -31,3 +32,24 @@ def test_plot_tradeoff_draws_ranges_references_and_controls():
     segments = bars.lines[2][1].get_segments()
     assert [tuple(s[:, 1]) for s in segments][0] == (20.0, 30.0)
     plt.close(fig)
+
+
+def test_plot_loss_ratios_draws_each_model_over_the_reference():
+    rows = []
+    for t in (100, 500, 900):
+        for sample in range(4):
+            base = 0.01 * (1 + sample) / (1 + t / 100)
+            rows += [("parent", t, sample, base), ("twice", t, sample, 2 * base),
+                     ("noisy", t, sample, base * (1 + 0.1 * (sample - 1.5)))]
+    table = pd.DataFrame(rows, columns=["model", "t", "sample", "mse"])
+    fig = plot_loss_ratios(table, reference="parent")
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"twice", "noisy"}
+    assert list(lines["twice"].get_ydata()) == [2.0, 2.0, 2.0]
+    assert len(ax.collections) == 2 and ax.get_yscale() == "log"  # one band per model
+    only = plot_loss_ratios(table, reference="parent", names=["noisy"])
+    assert [line.get_label() for line in only.axes[0].get_lines() if not line.get_label().startswith("_")] == ["noisy"]
+    with pytest.raises(ValueError, match="no models"):
+        plot_loss_ratios(table[table.model == "parent"], reference="parent")
+    plt.close("all")
