@@ -170,6 +170,13 @@ def row_name(run: Run, sampling_seed: int, seeds: list[int], weights: str, all_w
     return name if len(seeds) == 1 else f"{name}, sampling seed {sampling_seed}"
 
 
+RECORDED_CONFIG = ("target_ratio",)  # config fields every row carries, in the grid or not (the chart's x)
+
+
+def _recorded_config(config) -> dict:
+    return {k: getattr(config, k) for k in RECORDED_CONFIG if hasattr(config, k)}
+
+
 def finished_step(folder: Path) -> int:
     """The step of a run folder's checkpoint (0 when there is none)."""
     path = folder / CHECKPOINT_NAME
@@ -213,7 +220,8 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print, on
                                           progress=False, **options)
             # Grid values first: a grid "seed" is the training seed (recorded as train_seed), and
             # must not overwrite the sampling seed in the row's "seed".
-            row = {**run.values, **metrics, "name": row_name(run, seed, seeds, weights, all_weights),
+            row = {**_recorded_config(run.config), **run.values, **metrics,
+                   "name": row_name(run, seed, seeds, weights, all_weights),
                    "sweep": spec.name, "weights": weights, "run_folder": display_path(run.folder)}
             record_result(results, row)
             rows.append(row)

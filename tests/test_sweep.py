@@ -154,3 +154,11 @@ def test_both_weights_get_their_own_rows(tmp_path, tiny_parent):
                                                "tiny: target_ratio=0.5, online weights"]
     assert {r["weights"] for r in rows} == {"model", "ema"}
     assert (tmp_path / "runs" / "target_ratio0.5" / "ema.pt").exists()
+
+
+def test_rows_carry_the_target_ratio_when_the_grid_does_not_vary_it(tmp_path, tiny_parent):
+    spec = write_spec(tmp_path, tiny_parent, steps=1)
+    spec.write_text(spec.read_text().replace("target_ratio = [0.5, 0.9]", "seed = [3]")
+                    .replace("batch_size = 8", "batch_size = 8\ntarget_ratio = 0.7"))
+    rows = run_spec(read_spec(spec), device="cpu", log=lambda line: None)
+    assert [(r["name"], r["target_ratio"], r["train_seed"]) for r in rows] == [("tiny: seed=3", 0.7, 3)]
