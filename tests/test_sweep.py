@@ -111,12 +111,22 @@ def test_only_restricts_the_grid_and_names_a_bad_key(tmp_path, tiny_parent, caps
     assert "seed=0" in err and "target_ratio" in err
 
 
-@pytest.mark.parametrize("name", ["lambda", "recipe-0.5", "controls", "ablations", "parents-S", "parents-L"])
+COMMITTED_SPECS = {"lambda": 21, "recipe-0.5": 5, "recipe-baseline": 5, "recipe-distill": 5, "recipe-relative": 5,
+                   "recipe-relative-distill": 5, "controls": 3, "ablations": 6, "parents-S": 2, "parents-L": 2}
+
+
+def test_every_committed_spec_is_checked():
+    from dydit_lab.paths import DATA_DIR
+
+    assert sorted(p.stem for p in (DATA_DIR / "sweeps").glob("*.toml")) == sorted(COMMITTED_SPECS)
+
+
+@pytest.mark.parametrize("name", list(COMMITTED_SPECS))
 def test_committed_specs_are_valid(name):
     from dydit_lab.paths import DATA_DIR
 
     runs = plan_runs(read_spec(DATA_DIR / "sweeps" / f"{name}.toml"))
-    assert len(runs) == {"lambda": 21, "recipe-0.5": 5, "controls": 3, "ablations": 6, "parents-S": 2, "parents-L": 2}[name]
+    assert len(runs) == COMMITTED_SPECS[name]
     assert len({r.folder for r in runs}) == len(runs) and len({r.name for r in runs}) == len(runs)
 
 

@@ -4,7 +4,7 @@ summarised per grid point, and the recipe targets of issue 15 checked against th
 A claim about a fine-tuning recipe is a claim about its spread over training seeds, so every
 summary carries the median, the range (min-max over seeds) and the seed count, never one run.
 
-    rows = sweep_rows(read_results(RESULTS_CSV), "DyDiT-lab-L sweep")
+    rows = sweep_rows(read_results(RESULTS_CSV), "DyDiT-lab-L λ sweep")
     summary = seed_summary(rows, by="target_ratio")
     verdict = recipe_targets(rows[rows.target_ratio == 0.5], parent_fd=21.3)
 """
