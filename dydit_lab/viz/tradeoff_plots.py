@@ -5,10 +5,12 @@ fewer sampling steps) and control points (the same extra training without router
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from ..analysis.loss_gap import loss_gap
+from .gap_plots import _plain_log_ticks
 from .plots import LABEL_SIZE, PALETTE, TITLE_SIZE, _axes, _style
 
 PANELS = (("fd_lenet", "FD-LeNet (lower is better)"), ("accuracy", "class accuracy (higher is better)"))
@@ -68,14 +70,17 @@ def plot_loss_ratios(table: pd.DataFrame, reference: str, names: list[str] | Non
     if not names:
         raise ValueError("no models to compare with the reference")
     fig, ax = _axes(ax, figsize=(8, 4.5))
+    ratios = []
     for i, name in enumerate(names):
         gap = loss_gap(table, small=name, large=reference, confidence=confidence)
         colour = PALETTE[i % len(PALETTE)]
         ax.fill_between(gap["t"], 1 + gap["gap_lo"] / gap["large"], 1 + gap["gap_hi"] / gap["large"],
                         color=colour, alpha=0.2, lw=0)
         ax.plot(gap["t"], 1 + gap["relative_gap"], "o-", ms=3, color=colour, label=name)
+        ratios.append(1 + gap["relative_gap"].to_numpy())
     ax.axhline(1.0, color="0.3", lw=1, ls="--")
     ax.set_yscale("log")
+    _plain_log_ticks(ax, np.concatenate(ratios))
     ax.set_xlabel("timestep t (999: pure noise)", fontsize=LABEL_SIZE)
     ax.set_ylabel(f"loss / {reference}'s loss", fontsize=LABEL_SIZE)
     ax.set_title(f"Noise-prediction loss relative to {reference} (bands: {confidence:.0%} CI)", fontsize=TITLE_SIZE)
