@@ -152,7 +152,8 @@ def per_block_routing(routing) -> list[dict]:
 
 
 class DyDiTObjective(Objective):
-    """Diffusion loss of the routed model + the FLOPs penalty; routers on their own objective."""
+    """Diffusion loss of the routed model + the FLOPs penalty. ``router_objective`` and
+    ``model_objective`` pick each parameter group's loss (absolute or relative per t)."""
 
     log_fields = ["complete_loss", "flops_fraction", "target", "gumbel_noise", "heads", "groups", "tokens"]
     detail_name, detail_fields = "routing", list(ROUTING_LOG_FIELDS)
