@@ -86,6 +86,7 @@ def test_sliced_path_on_cuda_syncs_at_most_once_per_block_and_matches_masked():
             model(x, t_host, y)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    # each sync warns "called a synchronizing CUDA operation"; the mode's own "prototype" notice is no sync
+    syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
     # one per block for SDT's token count, plus at most the copy of the host timesteps
     assert len(syncs) <= len(model.blocks) + 1, [str(w.message) for w in syncs]
