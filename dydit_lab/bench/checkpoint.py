@@ -18,7 +18,7 @@ from ..analysis.routing import RoutingTrace, trace_sampling
 from ..models.dydit import CompleteModel, DyDiT
 from ..paths import resolve_device
 from .run import time_paths
-from .setup import BenchInputs
+from .workload import BenchInputs
 
 
 def trace_inputs(trace: RoutingTrace, device="cpu") -> BenchInputs:

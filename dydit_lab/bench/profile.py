@@ -14,7 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 from ..models.dit import DiT
 from ..models.dydit import DyDiT
 from ..paths import resolve_device
-from .setup import BenchInputs, prepare_bench
+from .setup import prepare_bench
+from .workload import BenchInputs
 
 # Category of an op by its name (first match wins); anything else is "other".
 CATEGORIES = (

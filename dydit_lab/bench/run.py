@@ -1,5 +1,5 @@
 """Wall-clock benchmark: static DiT vs DyDiT (sliced and masked execution) at a FLOPs target,
-with routers set by :mod:`.setup` (no training); one run, a batch-size sweep, CSV output."""
+with routers set by :mod:`.router_setting` (no training); one run, a batch-size sweep, CSV output."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from ..models.dit import DiT
 from ..models.dydit import DyDiT
 from ..models.routers import Routing
 from ..paths import resolve_device
-from .setup import build_models, BenchInputs, prepare_bench, DEFAULT_KEEP_RATE, DEFAULT_WIDTH_SLOPE
+from .router_setting import DEFAULT_KEEP_RATE, DEFAULT_WIDTH_SLOPE
+from .setup import prepare_bench
+from .workload import BenchInputs, build_models
 
 
 # ---------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""The benchmark tests' models and inputs, shared by test_setup.py and test_run.py."""
+"""The benchmark tests' models and inputs, shared by test_workload.py, test_router_setting.py,
+test_setup.py, test_run.py and test_profile.py."""
 
 import pytest
 import torch
 
-from dydit_lab.bench.setup import build_models, make_inputs
+from dydit_lab.bench.workload import build_models, make_inputs
 
 from tests.helpers import BENCH_ARCH as ARCH, BENCH_BATCH as BATCH, BENCH_STEPS as STEPS
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dydit_lab.bench.profile import category, describe_profile, profile_pass, profile_paths, run_profile
-from dydit_lab.bench.setup import set_routers
+from dydit_lab.bench.router_setting import set_routers
 from dydit_lab.cli import main
 from tests.helpers import BENCH_ARCH
 

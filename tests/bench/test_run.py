@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dydit_lab.bench import run as bench
-from dydit_lab.bench.setup import build_models
+from dydit_lab.bench.workload import build_models
 from dydit_lab.paths import resolve_device
 from tests.helpers import BENCH_ARCH as ARCH, BENCH_BATCH as BATCH, BENCH_RESULT_KEYS as REQUIRED_KEYS
 from tests.helpers import BENCH_STEPS as STEPS
