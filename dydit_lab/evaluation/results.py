@@ -3,7 +3,9 @@ which orderings of its rows hold under both classifiers (:func:`fd_orderings`)."
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import itertools
 import math
 from pathlib import Path
@@ -14,16 +16,28 @@ def record_result(path: str | Path, row: dict) -> None:
     if "name" not in row:
         raise ValueError("a result row needs a 'name'")
     path = Path(path)
-    rows = read_results(path)
-    rows = [r for r in rows if r.get("name") != str(row["name"])] + [{k: "" if v is None else str(v) for k, v in row.items()}]
-    columns = ["name"] + sorted({k for r in rows for k in r} - {"name"})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: r["name"]))
-    tmp.replace(path)
+    with _locked(path):  # sweeps run side by side: one read-modify-write at a time
+        rows = read_results(path)
+        rows = [r for r in rows if r.get("name") != str(row["name"])] + [{k: "" if v is None else str(v) for k, v in row.items()}]
+        columns = ["name"] + sorted({k for r in rows for k in r} - {"name"})
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(sorted(rows, key=lambda r: r["name"]))
+        tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``<path>.lock`` for the block (POSIX ``flock``; released on exit or death)."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def read_results(path: str | Path) -> list[dict]:
