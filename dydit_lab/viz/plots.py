@@ -212,7 +212,8 @@ def plot_speedup_vs_batch(bench: pd.DataFrame, ax: Axes | None = None) -> Figure
     for i, ((device, target, n), rows) in enumerate(bench.groupby(keys)):
         rows = rows.groupby("batch_size", as_index=False)[["speedup", "masked_speedup"]].median()
         color = PALETTE[i % len(PALETTE)]
-        where = f"{device}, {n} thread{'s' if n != 1 else ''}" if n else device
+        on_cpu = device.startswith("cpu")  # a GPU run's host thread count says nothing of its speed
+        where = f"{device}, {n} thread{'s' if n != 1 else ''}" if n and on_cpu else device
         ax.plot(rows["batch_size"], rows["speedup"], "o-", color=color,
                 label=f"sliced, ratio {target}, {where}")
         ax.plot(rows["batch_size"], rows["masked_speedup"], "x--", color=color, alpha=0.7,

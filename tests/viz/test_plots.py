@@ -17,6 +17,7 @@ from dydit_lab.evaluation.strategies import series_name  # noqa: E402
 from dydit_lab.viz.plots import (  # noqa: E402
     plot_loss_maps,
     plot_sample_grid,
+    plot_speedup_vs_batch,
     plot_strategies,
     save_figure,
 )
@@ -81,3 +82,14 @@ def test_plot_strategies_draws_each_caching_policy_as_its_own_line():
     assert list(lines["caching: FORA"].get_xdata()) == [2.0, 2.8]
     # The front over all points: FORA N = 3 (2.0 GFLOPs, FD 30) is beaten by DyDiT + FORA (1.5, 26).
     assert list(lines["Pareto front"].get_xdata()) == [1.0, 1.5, 2.8, 3.5, 5.0]
+
+
+def test_speedup_vs_batch_keeps_cpu_thread_counts_apart_and_names_no_threads_on_a_gpu():
+    row = dict(target_ratio=0.5, speedup=1.8, masked_speedup=1.0)
+    bench = pd.DataFrame([{**row, "device": "cpu", "batch_size": 2, "num_threads": 1},
+                          {**row, "device": "cpu", "batch_size": 2, "num_threads": 2},
+                          {**row, "device": "cuda", "batch_size": 8, "num_threads": 16}])
+    fig = plot_speedup_vs_batch(bench)
+    labels = [line.get_label() for line in fig.axes[0].lines if not line.get_label().startswith("_")]
+    assert "sliced, ratio 0.5, cpu, 1 thread" in labels and "sliced, ratio 0.5, cpu, 2 threads" in labels
+    assert "sliced, ratio 0.5, cuda" in labels
