@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from dydit_lab.analysis.tradeoff import recipe_targets, seed_summary, sweep_rows
+from dydit_lab.analysis.tradeoff import control_summaries, recipe_targets, seed_summary, sweep_rows
 
 
 def sweep_table():
@@ -45,3 +45,17 @@ def test_recipe_targets_judge_median_worst_and_fractions():
     assert not recipe_targets(half, parent_fd=20.0)["median_fd_ok"]
     with pytest.raises(ValueError, match="no runs"):
         recipe_targets(pd.DataFrame(columns=half.columns), parent_fd=21.0)
+
+
+def test_control_summaries_give_one_point_per_grid_value_and_ignore_empty_columns():
+    def row(sweep, seed, fd, **grid):
+        return {"name": f"{sweep}: {grid} seed={seed}", "sweep": sweep, "fd_lenet": str(fd), "accuracy": "0.9",
+                "gflops_per_image": "5.5", "routers": "", "lr": "", **grid}
+    table = [row("plain", 0, 10.0), row("plain", 1, 12.0),
+             row("abl", 0, 30.0, routers="tdw"), row("abl", 0, 40.0, routers="sdt"),
+             row("ctl, lr sweep", 0, 7.0, lr="1e-05"), row("ctl, lr sweep", 0, 8.0, lr="3e-05")]
+    controls = {name: sweep_rows(table, name) for name in ("plain", "abl", "ctl, lr sweep")}
+    summaries = control_summaries(controls)
+    assert sorted(summaries) == ["SDT only", "TDW only", "ctl, lr 1e-05", "ctl, lr 3e-05", "plain"]
+    assert summaries["plain"].runs.iloc[0] == 2 and summaries["plain"].fd_lenet_median.iloc[0] == 11.0
+    assert summaries["ctl, lr 3e-05"].fd_lenet_median.iloc[0] == 8.0
