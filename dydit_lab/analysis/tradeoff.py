@@ -72,8 +72,8 @@ CONTROL_GRID_KEYS = ("routers", "lr")
 
 def control_summaries(controls: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """Each control sweep (name -> :func:`sweep_rows`) summarised over its training seeds, one
-    summary per value of the grid column it varies (``routers``: "TDW only"; ``lr``:
-    "<name>, lr 1e-05"), else one for the whole sweep. A column that exists only because other
+    summary per value of the grid column it varies (``routers``: "TDW only"; ``lr``: the name
+    up to its last ", " then "lr 1e-05"), else one for the whole sweep. A column that exists only because other
     sweeps' rows have it (empty here) does not count."""
     summaries = {}
     for name, rows in controls.items():
@@ -81,6 +81,6 @@ def control_summaries(controls: dict[str, pd.DataFrame]) -> dict[str, pd.DataFra
         groups = rows.groupby(key) if key else [(None, rows)]
         for value, part in groups:
             label = (name if key is None else f"{str(value).upper()} only" if key == "routers"
-                     else f"{name.split(',')[0]}, {key} {value}")
+                     else f"{name.rsplit(', ', 1)[0]}, {key} {value}")  # "X, lr sweep" -> "X, lr 1e-05"
             summaries[label] = seed_summary(part.assign(target_ratio=0), by="target_ratio")
     return summaries

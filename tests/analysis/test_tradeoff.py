@@ -53,9 +53,9 @@ def test_control_summaries_give_one_point_per_grid_value_and_ignore_empty_column
                 "gflops_per_image": "5.5", "routers": "", "lr": "", **grid}
     table = [row("plain", 0, 10.0), row("plain", 1, 12.0),
              row("abl", 0, 30.0, routers="tdw"), row("abl", 0, 40.0, routers="sdt"),
-             row("ctl, lr sweep", 0, 7.0, lr="1e-05"), row("ctl, lr sweep", 0, 8.0, lr="3e-05")]
-    controls = {name: sweep_rows(table, name) for name in ("plain", "abl", "ctl, lr sweep")}
+             row("ctl 1,200 steps, lr sweep", 0, 7.0, lr="1e-05"), row("ctl 1,200 steps, lr sweep", 0, 8.0, lr="3e-05")]
+    controls = {name: sweep_rows(table, name) for name in ("plain", "abl", "ctl 1,200 steps, lr sweep")}
     summaries = control_summaries(controls)
-    assert sorted(summaries) == ["SDT only", "TDW only", "ctl, lr 1e-05", "ctl, lr 3e-05", "plain"]
+    assert sorted(summaries) == ["SDT only", "TDW only", "ctl 1,200 steps, lr 1e-05", "ctl 1,200 steps, lr 3e-05", "plain"]
     assert summaries["plain"].runs.iloc[0] == 2 and summaries["plain"].fd_lenet_median.iloc[0] == 11.0
-    assert summaries["ctl, lr 3e-05"].fd_lenet_median.iloc[0] == 8.0
+    assert summaries["ctl 1,200 steps, lr 3e-05"].fd_lenet_median.iloc[0] == 8.0
