@@ -73,14 +73,18 @@ CONTROL_GRID_KEYS = ("routers", "lr")
 def control_summaries(controls: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """Each control sweep (name -> :func:`sweep_rows`) summarised over its training seeds, one
     summary per value of the grid column it varies (``routers``: "TDW only"; ``lr``: the name
-    up to its last ", " then "lr 1e-05"), else one for the whole sweep. A column that exists only because other
-    sweeps' rows have it (empty here) does not count."""
+    up to its last ", " then "lr 1e-05"), else one for the whole sweep. A column that exists
+    only because other sweeps' rows have it (empty here) does not count."""
     summaries = {}
     for name, rows in controls.items():
         key = next((k for k in CONTROL_GRID_KEYS if k in rows and (rows[k].astype(str) != "").any()), None)
         groups = rows.groupby(key) if key else [(None, rows)]
         for value, part in groups:
-            label = (name if key is None else f"{str(value).upper()} only" if key == "routers"
-                     else f"{name.rsplit(', ', 1)[0]}, {key} {value}")  # "X, lr sweep" -> "X, lr 1e-05"
+            if key is None:
+                label = name
+            elif key == "routers":
+                label = f"{str(value).upper()} only"
+            else:
+                label = f"{name.rsplit(', ', 1)[0]}, {key} {value}"  # "X, lr sweep" -> "X, lr 1e-05"
             summaries[label] = seed_summary(part.assign(target_ratio=0), by="target_ratio")
     return summaries

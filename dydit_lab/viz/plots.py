@@ -208,12 +208,13 @@ def plot_speedup_vs_batch(bench: pd.DataFrame, ax: Axes | None = None) -> Figure
     different thread counts are never merged into one point); log-2 batch axis."""
     fig, ax = _axes(ax)
     threads = bench["num_threads"] if "num_threads" in bench else pd.Series(0, index=bench.index)
-    keys = [bench["device"].astype(str), bench["target_ratio"].round(2), threads.fillna(0).astype(int)]
+    device = bench["device"].astype(str)
+    threads = threads.where(device.str.startswith("cpu"), 0)  # a GPU run's host thread count says nothing of its speed
+    keys = [device, bench["target_ratio"].round(2), threads.fillna(0).astype(int)]
     for i, ((device, target, n), rows) in enumerate(bench.groupby(keys)):
         rows = rows.groupby("batch_size", as_index=False)[["speedup", "masked_speedup"]].median()
         color = PALETTE[i % len(PALETTE)]
-        on_cpu = device.startswith("cpu")  # a GPU run's host thread count says nothing of its speed
-        where = f"{device}, {n} thread{'s' if n != 1 else ''}" if n and on_cpu else device
+        where = f"{device}, {n} thread{'s' if n != 1 else ''}" if n else device
         ax.plot(rows["batch_size"], rows["speedup"], "o-", color=color,
                 label=f"sliced, ratio {target}, {where}")
         ax.plot(rows["batch_size"], rows["masked_speedup"], "x--", color=color, alpha=0.7,
