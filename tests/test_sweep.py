@@ -112,7 +112,7 @@ def test_only_restricts_the_grid_and_names_a_bad_key(tmp_path, tiny_parent, caps
 
 
 COMMITTED_SPECS = {"lambda": 21, "recipe-0.5": 5, "recipe-baseline": 5, "recipe-distill": 5, "recipe-relative": 5,
-                   "recipe-relative-distill": 5, "controls": 3, "controls-1200": 3, "controls-lr": 2, "ablations": 6, "parents-S": 2, "parents-L": 2}
+                   "recipe-relative-distill": 5, "controls": 3, "controls-1200": 3, "controls-lr": 2, "recipe-lowlr": 2, "ablations": 6, "parents-S": 2, "parents-L": 2}
 
 
 def test_every_committed_spec_is_checked():

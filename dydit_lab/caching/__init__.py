@@ -7,13 +7,14 @@ counted from what a real sampling run computed (reused blocks free, probes charg
 """
 
 from .calibration import calibrate_teacache, load_coefficients, save_coefficients
+from .drift import CachingDrift, caching_drift, relative_distance
 from .l2c import LearningToCache, load_router, save_router, train_cache_router
 from .model import CachedModel, CallRecord, Step, summarise
 from .policies import FORA, CachePolicy, FirstBlockCache, TeaCache, relative_l1
 from .spec import CACHE_DIR, SPECS, cache_file, cached_model, parse_cache_spec
 from .toca import ToCa
 
-__all__ = ["CACHE_DIR", "FORA", "SPECS", "CachePolicy", "CachedModel", "CallRecord", "FirstBlockCache",
-           "LearningToCache", "Step", "TeaCache", "ToCa", "cache_file", "cached_model", "calibrate_teacache",
+__all__ = ["CACHE_DIR", "FORA", "SPECS", "CachePolicy", "CachedModel", "CachingDrift", "CallRecord", "FirstBlockCache",
+           "LearningToCache", "Step", "TeaCache", "ToCa", "cache_file", "cached_model", "caching_drift", "calibrate_teacache",
            "load_coefficients", "load_router", "parse_cache_spec", "relative_l1", "save_coefficients",
-           "save_router", "summarise", "train_cache_router"]
+           "relative_distance", "save_router", "summarise", "train_cache_router"]
