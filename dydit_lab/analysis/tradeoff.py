@@ -19,13 +19,20 @@ METRICS = ("fd_lenet", "accuracy", "gflops_per_image", "block_flops_fraction")
 MEDIAN_FD_MARGIN, WORST_FD_MARGIN, FRACTION_TOLERANCE = 0.05, 0.15, 0.03
 
 
-def sweep_rows(rows: list[dict] | pd.DataFrame, sweep: str) -> pd.DataFrame:
-    """The rows one sweep wrote (its ``sweep`` column), with the metric columns numeric."""
+def sweep_rows(rows: list[dict] | pd.DataFrame, sweep: str, where: dict | None = None) -> pd.DataFrame:
+    """The rows one sweep wrote (its ``sweep`` column), with the metric columns numeric;
+    ``where`` keeps those whose grid columns hold the given values (e.g. ``{"lr": 3e-05}``)."""
     table = pd.DataFrame(rows)
     if "sweep" not in table.columns or not (table["sweep"] == sweep).any():
         known = sorted(set(table.get("sweep", pd.Series(dtype=str)).dropna()) - {""})
         raise ValueError(f"no rows of sweep {sweep!r} in the results; sweeps present: {known}")
     table = table[table["sweep"] == sweep].copy()
+    for column, value in (where or {}).items():
+        if column not in table.columns:
+            raise ValueError(f"sweep {sweep!r} has no column {column!r} to select on")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        held = pd.to_numeric(table[column], errors="coerce") if numeric else table[column].astype(str)
+        table = table[held == (value if numeric else str(value))]
     numeric = [c for c in (*METRICS, "target_ratio", "train_seed", "fd_lenet_lo", "fd_lenet_hi") if c in table]
     table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce")
     return table.reset_index(drop=True)

@@ -24,6 +24,18 @@ def test_sweep_rows_keep_one_sweep_as_numbers_and_name_the_known_ones():
         sweep_rows(sweep_table(), "missing")
 
 
+def test_sweep_rows_select_a_grid_value_as_written_in_the_csv():
+    table = sweep_table()
+    for row in table:
+        row["lr"] = "3e-05" if row["name"].endswith("seed=0") else "1e-05"
+    picked = sweep_rows(table, "s", where={"lr": 3e-05})
+    assert len(picked) == 2 and set(picked["lr"]) == {"3e-05"}
+    assert len(sweep_rows(table, "s", where={"lr": "1e-05"})) == 4
+    assert sweep_rows(table, "s", where={"lr": 5e-05}).empty
+    with pytest.raises(ValueError, match="no column 'routers'"):
+        sweep_rows(table, "s", where={"routers": "tdw"})
+
+
 def test_seed_summary_gives_median_and_range_per_lambda():
     summary = seed_summary(sweep_rows(sweep_table(), "s")).set_index("target_ratio")
     assert list(summary["runs"]) == [3, 3]
