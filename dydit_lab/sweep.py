@@ -23,6 +23,7 @@ A spec is TOML (paths relative to the repository root)::
     sampling_seeds = [0]
     bootstrap = 500
     second_classifier = "data/lenet_mnist_seed1.pt"   # the default; "" for none
+    coarse_steps = [0, 12, 24]       # FlexiDiT: one row per number of coarse steps (suffix ", k = 24 coarse")
 
 ``python -m dydit_lab sweep --spec data/sweeps/lambda.toml`` (``--dry-run`` lists the plan; ``--only seed=0``
 keeps the grid points with that value, to run one seed first); in Python: ``run_spec(read_spec(path))``.
@@ -50,7 +51,8 @@ from .training.pretrain import TrainConfig, train
 
 COMMANDS = {"train": (TrainConfig, train), "finetune": (FinetuneConfig, finetune),
             "flexi-finetune": (FlexiFinetuneConfig, flexi_finetune)}
-EVALUATE_OPTIONS = {"num_samples", "steps", "method", "cfg_scale", "sampling_seeds", "bootstrap", "second_classifier"}
+EVALUATE_OPTIONS = {"num_samples", "steps", "method", "cfg_scale", "sampling_seeds", "bootstrap", "second_classifier",
+                    "coarse_steps"}
 PATH_FIELDS = {"parent", "init_from", "data"}  # config fields that name files
 
 
@@ -128,6 +130,9 @@ def read_spec(path: str | Path) -> SweepSpec:
     bad_eval = sorted(set(spec.evaluate) - EVALUATE_OPTIONS)
     if bad_eval:
         raise ValueError(f"{path}: unknown evaluate options {bad_eval}; choose from {sorted(EVALUATE_OPTIONS)}")
+    coarse = spec.evaluate.get("coarse_steps", [])
+    if not isinstance(coarse, list) or not all(isinstance(k, int) and k >= 0 for k in coarse):
+        raise ValueError(f"{path}: evaluate.coarse_steps must be a list of step counts >= 0, got {coarse!r}")
     second = spec.evaluate.get("second_classifier")
     if second and not Path(_repo_path(second)).is_file():
         raise FileNotFoundError(f"{path}: evaluate.second_classifier {second} not found")
@@ -164,9 +169,12 @@ def plan_runs(spec: SweepSpec, only: dict | None = None) -> list[Run]:
     return runs
 
 
-def row_name(run: Run, sampling_seed: int, seeds: list[int], weights: str, all_weights: list[str]) -> str:
-    """The results row of one run, sampling seed and weights (suffixes only where there is a choice)."""
+def row_name(run: Run, sampling_seed: int, seeds: list[int], weights: str, all_weights: list[str],
+             coarse: int | None = None) -> str:
+    """The results row of one run, sampling seed, weights and (FlexiDiT) number of coarse
+    steps (suffixes only where there is a choice; ``coarse`` None: no choice)."""
     name = run.name if len(all_weights) == 1 else f"{run.name}, {'EMA' if weights == 'ema' else 'online'} weights"
+    name = name if coarse is None else f"{name}, k = {coarse} coarse"
     return name if len(seeds) == 1 else f"{name}, sampling seed {sampling_seed}"
 
 
@@ -193,12 +201,13 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print, on
     seeds = list(options.pop("sampling_seeds", [0]))
     options.setdefault("bootstrap", 500)
     second = options.pop("second_classifier", str(SECOND_CLASSIFIER))
+    coarse_steps = options.pop("coarse_steps", None) or [None]  # None: the model's own path
     all_weights = spec.weights if isinstance(spec.weights, list) else [spec.weights]
     evaluator = None
     rows = []
     for run in plan_runs(spec, only):
-        todo = [(w, s) for w in all_weights for s in seeds
-                if row_name(run, s, seeds, w, all_weights) not in done]
+        todo = [(w, s, k) for w in all_weights for s in seeds for k in coarse_steps
+                if row_name(run, s, seeds, w, all_weights, k) not in done]
         step = finished_step(run.folder)
         state = "done" if not todo else ("trained" if step >= run.config.steps else
                                           f"resume at {step}" if step else "train")
@@ -213,19 +222,19 @@ def run_spec(spec: SweepSpec, dry_run: bool = False, device="cpu", log=print, on
             COMMANDS[spec.command][1](dataclasses.replace(run.config, resume=step > 0))
         evaluator = evaluator or SampleEvaluator.from_default(
             device=device, second=_repo_path(second) if second else None)
-        for weights, seed in todo:
+        for weights, seed, coarse in todo:
             exported = export_checkpoint(run.folder / CHECKPOINT_NAME, run.folder / f"{weights}.pt",
                                          weights=weights)
             metrics = evaluate_checkpoint(exported, seed=seed, evaluator=evaluator, device=device,
-                                          progress=False, **options)
+                                          progress=False, coarse_steps=coarse, **options)
             # Grid values first: a grid "seed" is the training seed (recorded as train_seed), and
             # must not overwrite the sampling seed in the row's "seed".
             row = {**_recorded_config(run.config), **run.values, **metrics,
-                   "name": row_name(run, seed, seeds, weights, all_weights),
+                   "name": row_name(run, seed, seeds, weights, all_weights, coarse),
                    "sweep": spec.name, "weights": weights, "run_folder": display_path(run.folder)}
             record_result(results, row)
             rows.append(row)
-            log(f"  {weights} weights, sampling seed {seed}: FD-LeNet {metrics['fd_lenet']:.2f} "
+            log(f"  {weights} weights, sampling seed {seed}{'' if coarse is None else f', k = {coarse} coarse'}: FD-LeNet {metrics['fd_lenet']:.2f} "
                 f"[{metrics.get('fd_lenet_lo', float('nan')):.2f}, {metrics.get('fd_lenet_hi', float('nan')):.2f}], "
                 f"accuracy {metrics['accuracy']:.3f}")
         if spec.logs:

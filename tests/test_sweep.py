@@ -112,7 +112,7 @@ def test_only_restricts_the_grid_and_names_a_bad_key(tmp_path, tiny_parent, caps
 
 
 COMMITTED_SPECS = {"lambda": 21, "recipe-0.5": 5, "recipe-baseline": 5, "recipe-distill": 5, "recipe-relative": 5,
-                   "recipe-relative-distill": 5, "controls": 3, "controls-1200": 3, "controls-lr": 2, "recipe-lowlr": 2, "ablations": 6, "parents-S": 2, "parents-L": 2}
+                   "recipe-relative-distill": 5, "controls": 3, "controls-1200": 3, "controls-lr": 2, "recipe-lowlr": 2, "flexidit": 3, "ablations": 6, "parents-S": 2, "parents-L": 2}
 
 
 def test_every_committed_spec_is_checked():
@@ -172,3 +172,33 @@ def test_rows_carry_the_target_ratio_when_the_grid_does_not_vary_it(tmp_path, ti
                     .replace("batch_size = 8", "batch_size = 8\ntarget_ratio = 0.7"))
     rows = run_spec(read_spec(spec), device="cpu", log=lambda line: None)
     assert [(r["name"], r["target_ratio"], r["train_seed"]) for r in rows] == [("tiny: seed=3", 0.7, 3)]
+
+
+def test_a_flexidit_sweep_writes_one_row_per_number_of_coarse_steps(tmp_path, tiny_parent):
+    spec = tmp_path / "flexi.toml"
+    spec.write_text(textwrap.dedent(f"""
+        name = "flexi"
+        command = "flexi-finetune"
+        out = "{tmp_path / 'runs'}"
+        results = "{tmp_path / 'results.csv'}"
+        [config]
+        parent = "{tiny_parent}"
+        steps = 2
+        batch_size = 8
+        device = "cpu"
+        [grid]
+        seed = [0]
+        [evaluate]
+        num_samples = 20
+        steps = 3
+        bootstrap = 20
+        coarse_steps = [0, 2]
+    """))
+    rows = run_spec(read_spec(spec), device="cpu", log=lambda *_: None)
+    assert sorted(r["name"] for r in rows) == ["flexi: seed=0, k = 0 coarse", "flexi: seed=0, k = 2 coarse"]
+    by_k = {r["coarse_steps"]: r for r in rows}
+    assert by_k[2]["gflops_per_image"] < by_k[0]["gflops_per_image"]  # coarse steps cost less
+    assert run_spec(read_spec(spec), device="cpu", log=lambda *_: None) == []  # both rows done
+    spec.write_text(spec.read_text().replace("coarse_steps = [0, 2]", "coarse_steps = 2"))
+    with pytest.raises(ValueError, match="coarse_steps must be a list"):
+        read_spec(spec)
