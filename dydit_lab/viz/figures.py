@@ -21,10 +21,12 @@ from ..analysis.routing import trace_sampling
 from ..checkpoints import load_model
 from ..data import mnist_split
 from ..evaluation.sampling import generate
-from ..evaluation.strategies import select, strategy_table
+from ..caching.drift import caching_drift
+from ..evaluation.strategies import CACHING, select, strategy_table
 from ..flops import analytic_flops, num_tokens, schedule_flops
 from ..models.configs import get_config
 from ..paths import BENCH_DIR, CHECKPOINT_DIR, FIGURES_DIR, RESULTS_CSV
+from .caching_plots import plot_caching_drift
 from .gap_plots import plot_gap_panels
 from .plots import (plot_loss_maps, plot_quality_vs_flops, plot_sample_grid, plot_speedup_vs_batch,
                     plot_speedup_vs_ratio, plot_strategies, save_figure)
@@ -267,6 +269,18 @@ def strategy_samples_figure(names=SAMPLE_STRATEGIES, num: int = 20, seed: int = 
     return fig
 
 
+def caching_drift_figure(specs: Mapping[str, str] | None = None, num_samples: int = 8, device="cpu"):
+    """Each caching setting of the comparison (``specs``: setting -> spec, default all of
+    :data:`~dydit_lab.evaluation.strategies.CACHING`) on the parent ``DiT-lab-L``: what it reused
+    per step and how far its samples drift from the plain sampler's (notebook 05)."""
+    path = CHECKPOINT_DIR / "DiT-lab-L.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"missing {path}: train DiT-lab-L first (README, 'Lab models')")
+    drift = caching_drift(load_model(path, device=device), dict(specs or CACHING), num_samples=num_samples,
+                          device=device, progress=False)
+    return plot_caching_drift(drift), drift.summary
+
+
 def dynamic_strategies_figure(results: str | Path = RESULTS_CSV):
     """Quality vs GFLOPs and vs wall-clock per image of every strategy row in ``results``
     (written by ``python -m dydit_lab compare``)."""
@@ -288,6 +302,7 @@ BUILDERS: dict[str, Callable] = {
     "quality_vs_flops": lambda device: quality_vs_flops_figure(),
     "dynamic_strategies": lambda device: dynamic_strategies_figure(),
     "strategy_samples": lambda device: (strategy_samples_figure(device=device), None),
+    "caching_drift": lambda device: caching_drift_figure(device=device),
 }
 
 

@@ -98,3 +98,15 @@ def test_loss_gap_figure_with_two_runs_per_size(tmp_path, monkeypatch):
     one, table = figures.loss_gap_figure({s: p[:1] for s, p in paths.items()}, timesteps=[0, 999],
                                          samples_per_t=2, progress=False)
     assert len(one.axes) == 3 and table["seed_lo"].isna().all()
+
+
+def test_caching_drift_figure(strategy_checkpoints, monkeypatch):
+    monkeypatch.setattr(figures, "CHECKPOINT_DIR", strategy_checkpoints)
+    fig, summary = figures.caching_drift_figure({"FORA N = 2": "fora:2", "ToCa 30% every 3": "toca:0.3,interval=3"},
+                                                num_samples=2)
+    assert list(summary.setting) == ["FORA N = 2", "ToCa 30% every 3"]
+    assert (summary.flops_fraction < 1).all()  # (its adaLN-zero blocks are identities: no drift to see)
+    assert fig.axes[0].images[0].get_array().shape == (2, 50)  # settings x sampling steps
+    monkeypatch.setattr(figures, "CHECKPOINT_DIR", strategy_checkpoints / "missing")
+    with pytest.raises(FileNotFoundError, match="DiT-lab-L"):
+        figures.caching_drift_figure({"FORA N = 2": "fora:2"})
