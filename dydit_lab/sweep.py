@@ -140,14 +140,27 @@ def read_spec(path: str | Path) -> SweepSpec:
 
 
 def parse_only(items: list[str] | None, spec: SweepSpec) -> dict:
-    """``["seed=0", ...]`` as ``{"seed": "0"}``; a key outside the grid is an error naming it."""
+    """``["seed=0", ...]`` as ``{"seed": 0}``: each value as the grid writes it (``lr=3e-4`` is the
+    grid's 0.0003); a key outside the grid, or a value it does not list, is an error naming them."""
     only = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or key not in spec.grid:
             raise ValueError(f"--only {item!r}: expected KEY=VALUE with KEY one of the grid's {sorted(spec.grid)}")
-        only[key] = value
+        matches = [v for v in spec.grid[key] if _same_value(v, value)]
+        if not matches:
+            raise ValueError(f"--only {item!r}: the grid's {key} takes {spec.grid[key]}")
+        only[key] = matches[0]
     return only
+
+
+def _same_value(grid_value, text: str) -> bool:
+    if isinstance(grid_value, (int, float)) and not isinstance(grid_value, bool):
+        try:
+            return float(text) == float(grid_value)
+        except ValueError:
+            return False
+    return str(grid_value) == text
 
 
 def plan_runs(spec: SweepSpec, only: dict | None = None) -> list[Run]:
@@ -157,7 +170,7 @@ def plan_runs(spec: SweepSpec, only: dict | None = None) -> list[Run]:
     runs = []
     for combo in itertools.product(*(spec.grid[k] for k in keys)):
         values = dict(zip(keys, combo))
-        if any(str(values[k]) != v for k, v in (only or {}).items()):
+        if any(values[k] != v for k, v in (only or {}).items()):
             continue
         label = ", ".join(f"{k}={v}" for k, v in values.items())
         slug = "-".join(f"{k}{v}" for k, v in values.items()) or "run"

@@ -10,7 +10,7 @@ from dydit_lab import create_model
 from dydit_lab.checkpoints import atomic_save
 from dydit_lab.cli import main
 from dydit_lab.evaluation.results import read_results
-from dydit_lab.sweep import plan_runs, read_spec, run_spec
+from dydit_lab.sweep import parse_only, plan_runs, read_spec, run_spec
 from dydit_lab.training.dydit import FinetuneConfig, finetune
 from tests.helpers import cli_error
 
@@ -111,8 +111,19 @@ def test_only_restricts_the_grid_and_names_a_bad_key(tmp_path, tiny_parent, caps
     assert "seed=0" in err and "target_ratio" in err
 
 
+def test_only_matches_a_number_however_written_and_names_a_value_not_in_the_grid(tmp_path, tiny_parent):
+    spec = read_spec(write_spec(tmp_path, tiny_parent))
+    spec.grid = {"lr": [3e-5, 3e-4], "seed": [0, 1]}
+    assert parse_only(["lr=3e-4", "seed=1"], spec) == {"lr": 0.0003, "seed": 1}
+    assert [r.name for r in plan_runs(spec, parse_only(["lr=0.0003", "seed=1"], spec))] == ["tiny: lr=0.0003, seed=1"]
+    with pytest.raises(ValueError, match=r"lr takes \[3e-05, 0.0003\]"):
+        parse_only(["lr=1e-4"], spec)
+    with pytest.raises(ValueError, match="seed takes"):
+        parse_only(["seed=zero"], spec)
+
+
 COMMITTED_SPECS = {"lambda": 21, "recipe-0.5": 5, "recipe-baseline": 5, "recipe-distill": 5, "recipe-relative": 5,
-                   "recipe-relative-distill": 5, "controls": 3, "controls-1200": 3, "controls-lr": 2, "recipe-lowlr": 2, "flexidit": 3, "ablations": 6, "parents-S": 2, "parents-L": 2}
+                   "recipe-relative-distill": 5, "controls": 3, "controls-1200": 3, "controls-lr": 2, "recipe-lr": 3, "flexidit": 3, "ablations": 6, "parents-S": 2, "parents-L": 2}
 
 
 def test_every_committed_spec_is_checked():
