@@ -98,7 +98,8 @@ def cmd_compare(args):
     table = compare_strategies(args.only, num_samples=args.num_samples, seed=args.seed,
                                checkpoint_dir=args.checkpoint_dir, results=args.results,
                                timing_rounds=args.timing_rounds, timing_samples=args.timing_samples,
-                               quality=not args.timing_only, device=resolve_device(args.device))
+                               quality=not args.timing_only, bootstrap=args.bootstrap,
+                               device=resolve_device(args.device))
     columns = ["name", "gflops_per_image", "seconds_per_image", "fd_lenet", "accuracy"]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
@@ -250,14 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="row name in --results (default: the checkpoint path)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("compare", help="quality vs GFLOPs and wall-clock of static steps, DyDiT "
-                       "and FlexiDiT (notebook 05); rows go to data/results.csv")
+    p = sub.add_parser("compare", help="quality vs GFLOPs and wall-clock of static steps, DyDiT, "
+                       "FlexiDiT and feature caching (notebook 05); rows go to data/results.csv")
     p.add_argument("--only", nargs="*", help="strategy names or families (default: all)")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timing-rounds", type=int, default=3, help="round-robin timing passes (median)")
     p.add_argument("--timing-samples", type=int, default=100, help="images per timed sampling run")
     p.add_argument("--timing-only", action="store_true", help="re-time the existing rows, keep their quality")
+    p.add_argument("--bootstrap", type=int, default=500,
+                   help="resamples of the generated samples for 95 %% intervals of FD and accuracy (0: none)")
     p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
     p.add_argument("--results", default=str(RESULTS_CSV))
     p.add_argument("--device", default="auto")

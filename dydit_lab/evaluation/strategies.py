@@ -121,11 +121,12 @@ def time_strategies(chosen: list[Strategy], checkpoint_dir: str | Path = CHECKPO
 def compare_strategies(names: list[str] | None = None, num_samples: int = 1000, seed: int = 0,
                        checkpoint_dir: str | Path = CHECKPOINT_DIR, results: str | Path | None = RESULTS,
                        timing_rounds: int = 3, timing_samples: int = 100, quality: bool = True,
-                       device="cpu", progress: bool = True) -> pd.DataFrame:
+                       bootstrap: int = 500, device="cpu", progress: bool = True) -> pd.DataFrame:
     """Evaluate each selected strategy; upsert rows into ``results`` (None: don't write).
 
     Quality and compute come from :func:`~dydit_lab.evaluation.report.evaluate_checkpoint`
-    (``num_samples`` each, same seeds); ``seconds_per_image`` is then replaced by the
+    (``num_samples`` each, same seeds, 95 % intervals from ``bootstrap`` resamples of the
+    generated samples, 0: none); ``seconds_per_image`` is then replaced by the
     round-robin median of :func:`time_strategies`. ``quality=False`` only re-times the
     strategies and updates their existing rows. Wall-clock is only comparable between rows
     timed together (same machine, same thread count, recorded in ``threads``).
@@ -140,7 +141,8 @@ def compare_strategies(names: list[str] | None = None, num_samples: int = 1000, 
         for strategy in tqdm(chosen, desc="strategies", disable=not progress):
             metrics = evaluate_checkpoint(Path(checkpoint_dir) / strategy.checkpoint, num_samples=num_samples,
                                           steps=strategy.steps, seed=seed, coarse_steps=strategy.coarse_steps,
-                                          cache=strategy.cache, evaluator=evaluator, device=device, progress=False)
+                                          cache=strategy.cache, evaluator=evaluator, device=device, progress=False,
+                                          bootstrap=bootstrap)
             rows.append({"name": strategy.name, "strategy": strategy.family, "setting": strategy.setting,
                          **metrics})
     else:

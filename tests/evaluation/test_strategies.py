@@ -24,6 +24,9 @@ def test_compare_writes_rows_and_the_figure_reads_them(strategy_checkpoints, tmp
     assert list(table["name"]) == names and (table["seconds_per_image"] > 0).all()
     rows = strategy_table(results)
     assert set(rows["strategy"]) == {"static", "DyDiT", "FlexiDiT"}
+    # 95 % intervals by default, around the point estimate.
+    assert (rows["fd_lenet_lo"] <= rows["fd_lenet"]).all() and (rows["fd_lenet"] <= rows["fd_lenet_hi"]).all()
+    assert (rows["bootstrap"] == 500).all()
     static = rows[rows["strategy"] == "static"].set_index("setting")
     # Same model, twice the steps: exactly twice the compute per image.
     assert static.loc["20 steps", "gflops_per_image"] == pytest.approx(2 * static.loc["10 steps", "gflops_per_image"])
