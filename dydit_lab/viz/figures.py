@@ -254,7 +254,8 @@ def flexidit_schedule_table(arch: str = "DiT-lab-L", steps: int = 50, coarse_ste
                           "flops_fraction": round(r["flops_fraction"], 4)} for r in rows])
 
 
-SAMPLE_STRATEGIES = ("static: 50 steps", "static: 20 steps", "DyDiT: lambda = 0.5", "FlexiDiT: k = 24 of 50 coarse")
+SAMPLE_STRATEGIES = ("static: 50 steps", "static: 20 steps", "DyDiT: lambda = 0.5", "caching: ToCa 10% every 3",
+                     "FlexiDiT: k = 24 of 50 coarse")
 
 
 def strategy_samples_figure(names=SAMPLE_STRATEGIES, num: int = 20, seed: int = 0, device="cpu"):
