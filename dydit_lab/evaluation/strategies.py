@@ -169,13 +169,18 @@ POLICY_NAMES = {"fora": "FORA", "fbcache": "FBCache", "dbcache": "DBCache", "tea
                 "toca": "ToCa", "l2c": "L2C"}
 
 
+def policy_name(spec: str) -> str:
+    """The policy a cache spec names, as tables and figures write it ("fora:2" -> "FORA")."""
+    name = spec.split(":")[0].split(",")[0].strip().lower()
+    return POLICY_NAMES.get(name, name)
+
+
 def series_name(family: str, cache) -> str:
     """The curve a row belongs to: its family, split by caching policy (``caching: FORA``), so
     that settings of different policies are never joined into one line."""
     if not isinstance(cache, str) or not cache:
         return family
-    policy = cache.split(":")[0].split(",")[0]
-    return f"{family}: {POLICY_NAMES.get(policy, policy)}"
+    return f"{family}: {policy_name(cache)}"
 
 
 def strategy_table(results: str | Path = RESULTS) -> pd.DataFrame:

@@ -8,16 +8,10 @@ from matplotlib.figure import Figure
 import matplotlib.pyplot as plt
 
 from ..caching.drift import CachingDrift
-from ..evaluation.strategies import POLICY_NAMES
+from ..evaluation.strategies import policy_name
 from .plots import LABEL_SIZE, TITLE_SIZE, _series_colours, _style
 
 ERROR_FLOOR = 1e-5  # a log axis cannot show the exact zeros of steps that match the plain run
-
-
-def policy_name(spec: str) -> str:
-    """The policy a cache spec names, as the figures write it ("fora:2" -> "FORA")."""
-    name = spec.split(":")[0].split(",")[0].strip().lower()
-    return POLICY_NAMES.get(name, name)
 
 
 def plot_caching_drift(drift: CachingDrift) -> Figure:

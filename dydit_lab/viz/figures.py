@@ -274,10 +274,7 @@ def caching_drift_figure(specs: Mapping[str, str] | None = None, num_samples: in
     """Each caching setting of the comparison (``specs``: setting -> spec, default all of
     :data:`~dydit_lab.evaluation.strategies.CACHING`) on the parent ``DiT-lab-L``: what it reused
     per step and how far its samples drift from the plain sampler's (notebook 05)."""
-    path = CHECKPOINT_DIR / "DiT-lab-L.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"missing {path}: train DiT-lab-L first (README, 'Lab models')")
-    drift = caching_drift(load_model(path, device=device), dict(specs or CACHING), num_samples=num_samples,
+    drift = caching_drift(lab_model("DiT-lab-L", device), dict(specs or CACHING), num_samples=num_samples,
                           device=device, progress=False)
     return plot_caching_drift(drift), drift.summary
 

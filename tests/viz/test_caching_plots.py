@@ -9,7 +9,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from dydit_lab.caching import CachingDrift  # noqa: E402
-from dydit_lab.viz.caching_plots import ERROR_FLOOR, plot_caching_drift, policy_name  # noqa: E402
+from dydit_lab.evaluation.strategies import policy_name  # noqa: E402
+from dydit_lab.viz.caching_plots import ERROR_FLOOR, plot_caching_drift  # noqa: E402
 
 
 def drift():
