@@ -226,17 +226,21 @@ def quality_vs_flops_figure(results: str | Path = RESULTS_CSV):
 
 
 def quality_table(results: str | Path = RESULTS_CSV) -> pd.DataFrame:
-    """The evaluated models of ``results`` (no strategy rows except the DyDiTs, no sweep rows:
-    those are per-seed runs for the trade-off notebook; no real-val)."""
+    """The committed checkpoints, each at its own 50-step sampling path, from ``compare``'s
+    rows (static parent and lab-S, the DyDiTs, FlexiDiT with no coarse step), named by file."""
     table = pd.read_csv(results)
-    table = table[table["name"] != "real-val"].dropna(subset=["gflops_per_step", "fd_lenet"])
-    if "sweep" in table.columns:
-        table = table[table["sweep"].isna()]
-    if "strategy" in table.columns:  # of notebook 05's sweep, only the DyDiT checkpoints belong here
-        table = table[table["strategy"].isna() | (table["strategy"] == "DyDiT")]
+    if "strategy" not in table.columns:
+        raise FileNotFoundError(f"{results} has no compare rows (python -m dydit_lab compare)")
+    own_path = table["strategy"].isin(QUALITY_FAMILIES) & (table["steps"] == 50)
+    if "coarse_steps" in table.columns:
+        own_path &= table["coarse_steps"].fillna(0) == 0
+    table = table[own_path].dropna(subset=["gflops_per_step", "fd_lenet"])
     if table.empty:
-        raise FileNotFoundError(f"{results} has no evaluated models with GFLOPs")
-    return table
+        raise FileNotFoundError(f"{results} has no compare rows of {QUALITY_FAMILIES} at 50 steps")
+    return table.assign(name=[Path(c).stem for c in table["checkpoint"]]).sort_values("gflops_per_step")
+
+
+QUALITY_FAMILIES = ("static", "static DiT-lab-S", "DyDiT", "FlexiDiT")
 
 
 # ---------------------------------------------------------------------------

@@ -34,11 +34,18 @@ def test_speedup_figure_reads_json_and_csv(tmp_path):
 
 def test_quality_vs_flops_figure(tmp_path):
     path = tmp_path / "results.csv"
-    path.write_text("name,accuracy,fd_lenet,gflops_per_step,sweep\nreal-val,0.98,4.1,,\n"
-                    "DiT-lab-S,0.6,40,0.015,\nDiT-lab-L,0.9,20,0.11,\n"
-                    "parent: seed=0,0.95,6,0.11,parent\n")  # sweep rows belong to the trade-off notebook
-    fig, table = figures.quality_vs_flops_figure(path)
-    assert list(table["name"]) == ["DiT-lab-S", "DiT-lab-L"] and len(fig.axes) == 2
+    path.write_text("name,accuracy,fd_lenet,gflops_per_step,strategy,steps,coarse_steps,checkpoint\n"
+                    "real-val,0.98,4.1,,,,,\n"
+                    "static: 50 steps,0.9,6,0.11,static,50,,data/checkpoints/DiT-lab-L.pt\n"
+                    "static: 20 steps,0.9,8,0.11,static,20,,data/checkpoints/DiT-lab-L.pt\n"
+                    "DyDiT: lambda = 0.5,0.9,14,0.057,DyDiT,50,,data/checkpoints/DyDiT-lab-L-0.5.pt\n"
+                    "FlexiDiT: k = 12 of 50 coarse,0.9,10,0.09,FlexiDiT,50,12,data/checkpoints/FlexiDiT-lab-L.pt\n"
+                    "caching: FORA N = 2,0.8,30,0.05,caching,50,,data/checkpoints/DiT-lab-L.pt\n")
+    fig, table = figures.quality_vs_flops_figure(path)  # each checkpoint once, at its own 50-step path
+    assert list(table["name"]) == ["DyDiT-lab-L-0.5", "DiT-lab-L"] and len(fig.axes) == 2
+    path.write_text("name,accuracy,fd_lenet,gflops_per_step\nDiT-lab-L,0.9,6,0.11\n")
+    with pytest.raises(FileNotFoundError, match="compare"):
+        figures.quality_table(path)
 
 
 def test_router_schedules_figure_from_traces():
