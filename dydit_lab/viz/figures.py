@@ -225,22 +225,19 @@ def quality_vs_flops_figure(results: str | Path = RESULTS_CSV):
     return plot_quality_vs_flops(table), table
 
 
+QUALITY_FAMILIES = ("static", "static DiT-lab-S", "DyDiT", "FlexiDiT")  # a committed checkpoint's own path
+
+
 def quality_table(results: str | Path = RESULTS_CSV) -> pd.DataFrame:
     """The committed checkpoints, each at its own 50-step sampling path, from ``compare``'s
     rows (static parent and lab-S, the DyDiTs, FlexiDiT with no coarse step), named by file."""
-    table = pd.read_csv(results)
-    if "strategy" not in table.columns:
-        raise FileNotFoundError(f"{results} has no compare rows (python -m dydit_lab compare)")
-    own_path = table["strategy"].isin(QUALITY_FAMILIES) & (table["steps"] == 50)
-    if "coarse_steps" in table.columns:
-        own_path &= table["coarse_steps"].fillna(0) == 0
+    table = strategy_table(results)  # raises, naming `compare`, when there are no strategy rows
+    coarse = table.get("coarse_steps", pd.Series(0, index=table.index)).fillna(0)
+    own_path = table["strategy"].isin(QUALITY_FAMILIES) & (table["steps"] == 50) & (coarse == 0)
     table = table[own_path].dropna(subset=["gflops_per_step", "fd_lenet"])
     if table.empty:
         raise FileNotFoundError(f"{results} has no compare rows of {QUALITY_FAMILIES} at 50 steps")
     return table.assign(name=[Path(c).stem for c in table["checkpoint"]]).sort_values("gflops_per_step")
-
-
-QUALITY_FAMILIES = ("static", "static DiT-lab-S", "DyDiT", "FlexiDiT")
 
 
 # ---------------------------------------------------------------------------

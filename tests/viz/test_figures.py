@@ -34,13 +34,13 @@ def test_speedup_figure_reads_json_and_csv(tmp_path):
 
 def test_quality_vs_flops_figure(tmp_path):
     path = tmp_path / "results.csv"
-    path.write_text("name,accuracy,fd_lenet,gflops_per_step,strategy,steps,coarse_steps,checkpoint\n"
-                    "real-val,0.98,4.1,,,,,\n"
-                    "static: 50 steps,0.9,6,0.11,static,50,,data/checkpoints/DiT-lab-L.pt\n"
-                    "static: 20 steps,0.9,8,0.11,static,20,,data/checkpoints/DiT-lab-L.pt\n"
-                    "DyDiT: lambda = 0.5,0.9,14,0.057,DyDiT,50,,data/checkpoints/DyDiT-lab-L-0.5.pt\n"
-                    "FlexiDiT: k = 12 of 50 coarse,0.9,10,0.09,FlexiDiT,50,12,data/checkpoints/FlexiDiT-lab-L.pt\n"
-                    "caching: FORA N = 2,0.8,30,0.05,caching,50,,data/checkpoints/DiT-lab-L.pt\n")
+    path.write_text("name,accuracy,fd_lenet,gflops_per_step,gflops_per_image,strategy,steps,coarse_steps,checkpoint\n"
+                    "real-val,0.98,4.1,,,,,,\n"
+                    "static: 50 steps,0.9,6,0.11,5.5,static,50,,data/checkpoints/DiT-lab-L.pt\n"
+                    "static: 20 steps,0.9,8,0.11,2.2,static,20,,data/checkpoints/DiT-lab-L.pt\n"
+                    "DyDiT: lambda = 0.5,0.9,14,0.057,2.85,DyDiT,50,,data/checkpoints/DyDiT-lab-L-0.5.pt\n"
+                    "FlexiDiT: k = 12 of 50 coarse,0.9,10,0.09,4.5,FlexiDiT,50,12,data/checkpoints/FlexiDiT-lab-L.pt\n"
+                    "caching: FORA N = 2,0.8,30,0.05,2.5,caching,50,,data/checkpoints/DiT-lab-L.pt\n")
     fig, table = figures.quality_vs_flops_figure(path)  # each checkpoint once, at its own 50-step path
     assert list(table["name"]) == ["DyDiT-lab-L-0.5", "DiT-lab-L"] and len(fig.axes) == 2
     path.write_text("name,accuracy,fd_lenet,gflops_per_step\nDiT-lab-L,0.9,6,0.11\n")
