@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import flops
-from ..models.dit import modulate
+from ..models.dit import gated_residual, modulate
 from .policies import CachePolicy, _check
 
 STALENESS_WEIGHT = 0.25  # ToCa's default weight of the cache-frequency score
@@ -120,7 +120,7 @@ class ToCa(CachePolicy):
         cache, cfg, width = self._cache[i], executor.model.config, executor.width(i)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
         attn, received = attention_with_received(block, modulate(block.norm1(x), shift_msa, scale_msa), width)
-        x = x + gate_msa.unsqueeze(1) * attn
+        x = gated_residual(x, gate_msa, attn)
         mlp, keep = routed_mlp(block, x, shift_mlp, scale_mlp, width)
         B, N = received.shape
         cache.update(attn=attn, mlp=mlp, received=F.normalize(received, dim=1), stale=x.new_zeros(B, N))
@@ -133,12 +133,12 @@ class ToCa(CachePolicy):
             parts = flops.dynamic_block_flops(cfg, N, *counts)
             executor.charge_block(i, flops.partial_block_flops(cfg, True, N, counts), parts["attn"] + parts["mlp"],
                                   kept, keep)
-        return x + gate_mlp.unsqueeze(1) * mlp
+        return gated_residual(x, gate_mlp, mlp)
 
     def _partial(self, executor, i, block, x, c):
         cache, cfg, width = self._cache[i], executor.model.config, executor.width(i)
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * cache["attn"]
+        x = gated_residual(x, gate_msa, cache["attn"])
         B, N, C = x.shape
         fresh = int(self.fraction * N)
         cache["stale"] += 1
@@ -161,4 +161,4 @@ class ToCa(CachePolicy):
             mlp_macs = flops.dynamic_block_flops(cfg, N, *counts)["mlp"]
             executor.charge_block(i, flops.partial_block_flops(cfg, False, fresh, counts), mlp_macs, kept, keep,
                                   attention=False)
-        return x + gate_mlp.unsqueeze(1) * cache["mlp"]
+        return gated_residual(x, gate_mlp, cache["mlp"])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dit import DiTBlock, modulate
+from .dit import DiTBlock, gated_residual, modulate
 from .routers import TokenRouter, WidthRouter
 
 SLICE_CACHE_SIZE = 16  # widths kept per block (consecutive steps mostly share one)
@@ -55,12 +55,12 @@ class DyDiTBlock(DiTBlock):
         B, N, C = x.shape
         per_head = self.attn.heads(modulate(self.norm1(x), shift_msa, scale_msa))
         per_head = per_head * heads[:, :, None, None]
-        x = x + gate_msa.unsqueeze(1) * self.attn.proj(per_head.transpose(1, 2).reshape(B, N, C))
+        x = gated_residual(x, gate_msa, self.attn.proj(per_head.transpose(1, 2).reshape(B, N, C)))
         tokens = self.token_selection(x)
         hidden = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
         hidden = hidden * groups.repeat_interleave(self.group_size, dim=1).unsqueeze(1)
         mlp_out = self.mlp.fc2(self.mlp.act(hidden))
-        x = x + tokens.unsqueeze(-1) * (gate_mlp.unsqueeze(1) * mlp_out)
+        x = gated_residual(x, gate_mlp, tokens.unsqueeze(-1) * mlp_out)
         return x, heads, groups, tokens
 
     # -- sliced (really skips) --------------------------------------------------------
@@ -108,9 +108,9 @@ class DyDiTBlock(DiTBlock):
             qkv = F.linear(modulate(self.norm1(x), shift_msa, scale_msa), w.qkv_w, w.qkv_b)
             q, k, v = qkv.reshape(B, N, 3, len(heads), hd).permute(2, 0, 3, 1, 4).unbind(0)
             attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, len(heads) * hd)
-            x = x + gate_msa.unsqueeze(1) * F.linear(attn, w.proj_w, self.attn.proj.bias)
+            x = gated_residual(x, gate_msa, F.linear(attn, w.proj_w, self.attn.proj.bias))
         else:  # every head off (2024 release: no always-on head): proj of zeros is its bias
-            x = x + gate_msa.unsqueeze(1) * self.attn.proj.bias
+            x = gated_residual(x, gate_msa, self.attn.proj.bias)
 
         # Same threshold as the masked path (sigmoid > 0.5), evaluated once per token.
         keep = torch.sigmoid(self.token_selection.logits(x)) > 0.5
@@ -118,13 +118,16 @@ class DyDiTBlock(DiTBlock):
         kept = idx.numel()
         if kept == B * N:  # every token: the plain MLP, no gather
             h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-            x = x + gate_mlp.unsqueeze(1) * self._sliced_mlp(h, w, groups)
+            x = gated_residual(x, gate_mlp, self._sliced_mlp(h, w, groups))
         elif kept:
-            # Modulating every token is cheap elementwise work; the MLP, the expensive part,
-            # runs on the kept rows only, and its gated output is added back in one op.
-            h = modulate(self.norm2(x), shift_mlp, scale_mlp).reshape(B * N, C).index_select(0, idx)
-            out = self._sliced_mlp(h, w, groups) * gate_mlp.index_select(0, torch.div(idx, N, rounding_mode="floor"))
-            x = x.reshape(B * N, C).index_add(0, idx, out).view(B, N, C)
+            # Only the kept rows are normalised, modulated (with their sample's shift and scale)
+            # and run through the MLP; the gated output is added back into x in place (x is
+            # this block's own tensor, made by the attention's residual above).
+            sample = torch.div(idx, N, rounding_mode="floor")
+            rows = self.norm2(x.reshape(B * N, C).index_select(0, idx))
+            h = torch.addcmul(shift_mlp.index_select(0, sample), rows, (1 + scale_mlp).index_select(0, sample))
+            out = self._sliced_mlp(h, w, groups) * gate_mlp.index_select(0, sample)
+            x = x.reshape(B * N, C).index_add_(0, idx, out).view(B, N, C)
         return x, keep
 
     def _sliced_mlp(self, h, w: _SlicedWeights, groups: tuple[int, ...]):
