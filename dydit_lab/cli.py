@@ -11,6 +11,7 @@ import re
 import sys
 
 from .analysis.commands import add_commands as add_analysis_commands
+from .bench.checkpoint import checkpoint_sweep
 from .bench.profile import describe_profile, run_profile
 from .bench.run import parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
 from .caching.commands import add_commands as add_caching_commands
@@ -136,7 +137,22 @@ def cmd_bench(args):
     common = dict(input_size=args.input_size, target_ratio=args.target_ratio, steps=args.steps,
                   repeats=args.repeats, device=args.device, seed=args.seed,
                   keep_rate=args.keep_rate, threads=args.threads, verbose=not args.quiet)
-    if args.profile:
+    if bool(args.arch) == bool(args.checkpoint):
+        raise ValueError("give --arch (random weights, routers set to --target-ratio) or --checkpoint "
+                         "(a trained DyDiT on its own sampling run), not both")
+    if args.checkpoint:
+        if args.profile:
+            raise ValueError("--profile times --arch models; profile a checkpoint with dydit_lab.bench.profile")
+        rows = checkpoint_sweep(args.checkpoint, parse_batch_list(args.sweep_batch or str(args.batch_size)),
+                                steps=args.steps, repeats=args.repeats, device=args.device, threads=args.threads,
+                                progress=not args.quiet)
+        if args.sweep_batch:
+            name = args.name or f"{rows[0]['device']}_{rows[0]['name']}_sweep".replace("-", "_").lower()
+            print(f"wrote {write_csv(rows, BENCH_DIR / 'lab' / (name + '.csv'))}")
+        result = rows if args.sweep_batch else rows[0]
+        if not args.sweep_batch:
+            print(json.dumps(result, indent=1))
+    elif args.profile:
         result = run_profile(args.arch, input_size=args.input_size, target_ratio=args.target_ratio,
                              batch_size=args.batch_size, steps=args.steps, device=args.device, seed=args.seed,
                              threads=args.threads)
@@ -291,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_figures)
     p = sub.add_parser("bench", help="wall-clock speed of DyDiT (sliced, masked) vs its DiT at a "
                        "FLOPs target (random weights, routers set without training)")
-    p.add_argument("--arch", required=True)
+    p.add_argument("--arch", help="a DiT config, random weights (or --checkpoint)")
+    p.add_argument("--checkpoint", help="a trained DyDiT instead, timed on its own DDIM run (--steps steps, "
+                   "--batch-size images); --sweep-batch writes data/bench/lab/")
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--target-ratio", type=float, default=0.5, help="DyDiT FLOPs / DiT FLOPs")
     p.add_argument("--batch-size", type=int, default=2)

@@ -21,7 +21,7 @@ from dydit_lab.models.dydit import DyDiT
 from dydit_lab.models.flexidit import FlexiDiT
 from dydit_lab.paths import DATA_DIR
 from tests.helpers import BENCH_ARCH, BENCH_RESULT_KEYS, lab_t_macs, run_module, write_image_folder
-from tests.helpers import cli_error
+from tests.helpers import cli_error, random_dydit
 
 COMMITTED_RESUME = DATA_DIR / "resume" / "lab-L" / "checkpoint.pt"  # a real pre-refactor run at step 12000
 
@@ -373,6 +373,23 @@ def test_cli_json_and_sweep(tmp_path, monkeypatch, capsys):
     assert [int(r["batch_size"]) for r in rows] == [1, 3]
     assert BENCH_RESULT_KEYS <= set(rows[0])
     assert len(json.loads(rows[0]["flops_ratio_per_step"])) == 4
+
+
+def test_cli_times_a_trained_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "BENCH_DIR", tmp_path / "data" / "bench")
+    path = tmp_path / "DyDiT-mine.pt"
+    torch.save({"ema": random_dydit(0).state_dict(), "args": {"arch": "DiT-lab-T"}}, path)
+    main(["bench", "--checkpoint", str(path), "--batch-size", "2", "--steps", "3", "--repeats", "1",
+          "--threads", "1", "--quiet"])
+    record = json.loads(capsys.readouterr().out)
+    assert record["name"] == "DyDiT-mine" and record["batch_size"] == 2 and record["steps"] == 3
+    assert record["num_threads"] == 1 and record["token_decisions_flipped"] == 0
+    main(["bench", "--checkpoint", str(path), "--sweep-batch", "1,2", "--steps", "2", "--repeats", "1", "--quiet"])
+    with open(tmp_path / "data" / "bench" / "lab" / "cpu_dydit_mine_sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["batch_size"]) for r in rows] == [1, 2] and rows[0]["checkpoint"] == str(path)
+    assert "not both" in cli_error(capsys, ["bench", "--arch", BENCH_ARCH, "--checkpoint", str(path)])
+    assert "not both" in cli_error(capsys, ["bench"])
 
 
 def test_cli_rejects_bad_target(capsys):

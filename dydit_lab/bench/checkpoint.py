@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import platform
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
@@ -31,20 +33,30 @@ def trace_inputs(trace: RoutingTrace, device="cpu") -> BenchInputs:
 
 
 def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repeats: int = 3,
-                       seed: int = 0, device="auto", name: str | None = None) -> dict:
+                       seed: int = 0, device="auto", name: str | None = None, threads: int | None = None) -> dict:
     """Seconds per sampling step of ``model`` (sliced and masked) and of its complete model,
     timed on the inputs of a DDIM run of ``steps`` steps (labels 0, 1, ..., ``batch_size``
-    images, no guidance); speed-ups, the FLOPs fraction of the timed routing and what ran where."""
+    images, no guidance); speed-ups, the FLOPs fraction of the timed routing, what ran where
+    and how far the sliced outputs are from the masked ones. ``threads``: torch's intra-op
+    thread count (default: leave it)."""
     if not isinstance(model, DyDiT):
         raise ValueError(f"a speed-up needs a DyDiT checkpoint, got a {type(model).__name__}")
     if batch_size < 1 or steps < 1 or repeats < 1:
         raise ValueError(f"batch_size, steps and repeats must be positive, got {batch_size}, {steps}, {repeats}")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
     device = resolve_device(device)
     model = model.to(device).eval()
     labels = torch.arange(batch_size) % model.num_classes
     trace = trace_sampling(model, labels, steps=steps, seed=seed, device=device, progress=False)
     timing = time_paths(CompleteModel(model), model, trace_inputs(trace, device), repeats, device)
     routings = [routing for _, routing in timing["outputs"]["sliced"]]
+    masked = timing["outputs"]["masked"]
+    flipped = sum(int((a.tokens != b.tokens).sum()) for a, (_, b) in zip(routings, masked))
+    relative = max(float((a - b).abs().max() / b.abs().max())
+                   for (a, _), (b, _) in zip(timing["outputs"]["sliced"], masked))
     mean = lambda values: float(torch.stack([v.float().mean().cpu() for v in values]).mean())  # noqa: E731
     flops_ratio = mean(r.flops_fraction(model.config) for r in routings)
     per_step = {path: statistics.median(times) / steps for path, times in timing["times"].items()}
@@ -58,5 +70,25 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
         "masked_seconds": per_step["masked"], "speedup": speedup,
         "masked_speedup": per_step["static"] / per_step["masked"], "ideal_speedup": 1 / flops_ratio,
         "efficiency": speedup * flops_ratio, "token_keep_rate": mean(r.tokens for r in routings),
-        "num_threads": torch.get_num_threads(),
+        "max_relative_diff_sliced_masked": relative, "token_decisions_flipped": flipped,
+        "token_decisions": sum(r.tokens.numel() for r in routings),
+        "num_threads": torch.get_num_threads(), "torch_version": torch.__version__,
     }
+
+
+def checkpoint_sweep(checkpoint: str, batch_sizes: list[int], steps: int = 50, repeats: int = 3,
+                     device="auto", threads: int | None = None, progress: bool = True) -> list[dict]:
+    """:func:`checkpoint_speedup` of a DyDiT checkpoint file at each of ``batch_sizes`` (one row
+    each, named after the file, with its path)."""
+    from ..checkpoints import load_model  # the bench's only reader of checkpoint files
+
+    model = load_model(checkpoint, device=resolve_device(device))
+    rows = []
+    for batch in batch_sizes:
+        row = checkpoint_speedup(model, batch_size=batch, steps=steps, repeats=repeats, device=device,
+                                 name=Path(checkpoint).stem, threads=threads)
+        rows.append({"checkpoint": str(checkpoint), **row})
+        if progress:
+            print(f"{row['name']} batch {batch}: {row['speedup']:.3f}x of ideal {row['ideal_speedup']:.3f}x "
+                  f"({row['efficiency']:.3f}), {row['num_threads']} thread(s)", file=sys.stderr, flush=True)
+    return rows

@@ -37,15 +37,13 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _timed_pass(fn, inputs: BenchInputs, device: torch.device) -> tuple[float, list]:
-    """Seconds for one model forward at every sampled timestep, and the outputs."""
-    outs = []
+def _timed_call(fn, x, t, y, device: torch.device) -> tuple[float, object]:
+    """Seconds for one model forward, and its output."""
     _sync(device)
     start = time.perf_counter()
-    for x, t in zip(inputs.x, inputs.t):
-        outs.append(fn(x, t, inputs.y))
+    out = fn(x, t, y)
     _sync(device)
-    return time.perf_counter() - start, outs
+    return time.perf_counter() - start, out
 
 
 def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
@@ -53,8 +51,11 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
     """Median seconds per pass over the steps of the static DiT and of DyDiT sliced/masked.
 
     One untimed warm-up pass per path (it also fills the sliced-weight cache), then
-    ``repeats`` passes with the paths interleaved so that a drifting background load hits all
-    three alike. Returns the per-pass totals and the last pass's outputs and routings.
+    ``repeats`` timed passes. The paths are interleaved at every step, in an order that
+    rotates from step to step: a shared machine's speed drifts by tens of percent over
+    seconds, and a drift that hits one forward of each path in turn cancels in their ratio
+    (interleaving whole passes let it land on one path). Returns each path's per-pass
+    totals and the last pass's outputs (and routings).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be positive, got {repeats}")
@@ -68,15 +69,24 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
         return fn
 
     paths = {"static": dit, "sliced": dynamic("sliced"), "masked": dynamic("masked")}
-    for fn in paths.values():
-        _timed_pass(fn, inputs, device)  # warm-up
+    names = list(paths)
+    for fn in paths.values():  # warm-up
+        for x, t in zip(inputs.x, inputs.t):
+            _timed_call(fn, x, t, inputs.y, device)
     times = {name: [] for name in paths}
-    last = {}
+    last = {name: [] for name in paths}
     for _ in range(repeats):
-        for name, fn in paths.items():
-            seconds, outs = _timed_pass(fn, inputs, device)
-            times[name].append(seconds)
-            last[name] = outs
+        totals = dict.fromkeys(paths, 0.0)
+        outs = {name: [] for name in paths}
+        for step, (x, t) in enumerate(zip(inputs.x, inputs.t)):
+            for k in range(len(names)):
+                name = names[(step + k) % len(names)]
+                seconds, out = _timed_call(paths[name], x, t, inputs.y, device)
+                totals[name] += seconds
+                outs[name].append(out)
+        for name in paths:
+            times[name].append(totals[name])
+        last = outs
     dydit.execution = "sliced"
     return {"times": times, "outputs": last}
 

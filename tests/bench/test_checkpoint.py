@@ -29,6 +29,9 @@ def test_checkpoint_speedup_times_the_routing_of_a_real_run():
     assert record["speedup"] == pytest.approx(record["static_seconds"] / record["dynamic_seconds"])
     assert record["ideal_speedup"] == pytest.approx(1 / record["flops_ratio"])
     assert record["num_threads"] == torch.get_num_threads()
+    # the sliced outputs are the masked path's, decision for decision
+    assert record["token_decisions"] == 3 * 4 * len(model.blocks) * model.x_embedder.num_patches
+    assert record["token_decisions_flipped"] == 0 and record["max_relative_diff_sliced_masked"] < 1e-5
 
 
 def test_only_a_dydit_has_a_speedup_to_measure():
@@ -36,3 +39,5 @@ def test_only_a_dydit_has_a_speedup_to_measure():
         checkpoint_speedup(tiny_model(), steps=2)
     with pytest.raises(ValueError, match="must be positive"):
         checkpoint_speedup(random_dydit(0), batch_size=0)
+    with pytest.raises(ValueError, match="threads must be positive"):
+        checkpoint_speedup(random_dydit(0), threads=0)

@@ -69,3 +69,24 @@ def test_sweep_rows_csv_and_name(models, tmp_path):
     assert len(text) == 3 and "batch_size" in text[0]
     assert bench.sweep_name(ARCH, "cpu", 0.6) == "cpu_lab_t_r0.6_sweep"
     assert bench.sweep_name("DiT-XL/2", "cuda", 0.5) == "cuda_xl2_r0.5_sweep"
+
+
+def test_paths_are_interleaved_at_every_step_in_a_rotating_order(models, inputs):
+    dit, dydit = models
+    calls = []
+    hooks = [dit.register_forward_pre_hook(lambda *_: calls.append("static")),
+             dydit.register_forward_pre_hook(lambda m, _: calls.append(m.execution))]
+    try:
+        timing = bench.time_paths(dit, dydit, inputs, repeats=2, device=torch.device("cpu"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    steps = len(inputs.x)
+    timed = calls[3 * steps:]  # after one warm-up pass per path
+    assert len(timed) == 2 * 3 * steps
+    firsts = [timed[3 * i] for i in range(2 * steps)]
+    for i in range(0, len(timed), 3):
+        assert sorted(timed[i:i + 3]) == ["masked", "sliced", "static"]  # each step: every path once
+    assert len(set(firsts[:3])) == min(3, steps)  # the leading path rotates from step to step
+    assert {k: len(v) for k, v in timing["times"].items()} == {"static": 2, "sliced": 2, "masked": 2}
+    assert all(len(v) == steps for v in timing["outputs"].values())
