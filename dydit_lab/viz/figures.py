@@ -193,6 +193,30 @@ def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
     return df[[c for c in keep if c in df.columns]]
 
 
+LAB_BENCH_COLUMNS = ["name", "device", "num_threads", "batch_size", "steps", "flops_ratio", "speedup",
+                     "ideal_speedup", "efficiency", "masked_speedup", "source"]
+
+
+def load_lab_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
+    """The trained lab DyDiTs' measured speed-ups (``data/bench/lab/*.csv``), one row per
+    checkpoint, device, thread count and batch: ``bench --checkpoint`` sweeps, and ``compare
+    --timing-only`` re-timings (their DyDiT rows; batch = images timed, speed-up vs the static
+    row of the same run). ``efficiency`` is the speed-up over the ideal 1 / FLOPs fraction."""
+    frames = []
+    for path in sorted((Path(bench_dir) / "lab").glob("*.csv")):
+        table = pd.read_csv(path)
+        if "efficiency" not in table:  # a compare re-timing
+            table = table[table["ideal_speedup"] > 1].rename(
+                columns={"flops_fraction": "flops_ratio", "timing_samples": "batch_size"})
+            table = table.assign(efficiency=table["speedup"] / table["ideal_speedup"],
+                                 num_threads=table.get("threads"), masked_speedup=float("nan"))
+        frames.append(table.assign(source=path.name).reindex(columns=LAB_BENCH_COLUMNS))
+    if not frames:
+        raise FileNotFoundError(f"no lab benchmark in {Path(bench_dir) / 'lab'}: run python -m dydit_lab "
+                                "bench --checkpoint data/checkpoints/DyDiT-lab-L-0.5.pt --sweep-batch 100 --steps 50")
+    return pd.concat(frames, ignore_index=True)
+
+
 FLOPS_TABLE_ARCHS = (("DiT-XL/2", 32), ("DiT-B/2", 32), ("DiT-S/2", 32), ("DiT-lab-L", 32), ("DiT-lab-S", 32))
 
 
@@ -208,13 +232,14 @@ def flops_table(archs=FLOPS_TABLE_ARCHS) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def speedup_figure(bench: pd.DataFrame | None = None):
+def speedup_figure(bench: pd.DataFrame | None = None, lab: pd.DataFrame | None = None):
     """Measured speed-up of sliced and masked DyDiT over the static DiT (``bench``: default
-    :func:`load_bench`), against the ideal 1 / FLOPs fraction and the paper's V100 figures;
-    and vs batch size where swept."""
+    :func:`load_bench`), against the ideal 1 / FLOPs fraction and the paper's V100 figures,
+    with the trained lab DyDiTs (``lab``: :func:`load_lab_bench`) where given; and vs batch
+    size where swept."""
     bench = load_bench() if bench is None else bench
     fig, (ax_ratio, ax_batch) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
-    plot_speedup_vs_ratio(bench, PAPER_V100, ax=ax_ratio)
+    plot_speedup_vs_ratio(bench, PAPER_V100, ax=ax_ratio, lab=lab)
     plot_speedup_vs_batch(bench, ax=ax_batch)
     return fig, bench
 
@@ -297,7 +322,7 @@ BUILDERS: dict[str, Callable] = {
     "loss_gap": lambda device: loss_gap_figure(device=device),
     "loss_maps": lambda device: loss_maps_figure(device=device),
     "router_schedules": lambda device: router_schedules_figure(device=device),
-    "speedup": lambda device: speedup_figure(),
+    "speedup": lambda device: speedup_figure(lab=load_lab_bench()),
     "quality_vs_flops": lambda device: quality_vs_flops_figure(),
     "dynamic_strategies": lambda device: dynamic_strategies_figure(),
     "strategy_samples": lambda device: (strategy_samples_figure(device=device), None),

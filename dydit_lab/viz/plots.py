@@ -184,8 +184,9 @@ def _finish_speedup_axes(ax: Axes, x_label: str, title: str, legend_size: float,
 
 
 def plot_speedup_vs_ratio(bench: pd.DataFrame, paper: pd.DataFrame | None = None,
-                          ax: Axes | None = None) -> Figure:
-    """Measured speed-up vs FLOPs fraction (sliced and masked), the ideal 1/x, paper points."""
+                          ax: Axes | None = None, lab: pd.DataFrame | None = None) -> Figure:
+    """Measured speed-up vs FLOPs fraction (sliced and masked), the ideal 1/x, paper points,
+    and trained lab DyDiTs (``lab``: one marker per device and thread count)."""
     fig, ax = _axes(ax)
     x = np.linspace(0.3, 1.0, 100)
     ax.plot(x, 1 / x, color="black", ls=":", lw=1.2, label="ideal: 1 / FLOPs fraction")
@@ -197,6 +198,13 @@ def plot_speedup_vs_ratio(bench: pd.DataFrame, paper: pd.DataFrame | None = None
                    label=f"sliced DyDiT ({device})", zorder=3)
         ax.scatter(rows["flops_ratio"], rows["masked_speedup"], marker=m, s=50, color=PALETTE[3],
                    label=f"masked, official-style ({device})", zorder=3)
+    if lab is not None and not lab.empty:
+        threads = lab["num_threads"].fillna(0).astype(int).where(lab["device"].astype(str).str.startswith("cpu"), 0)
+        for i, ((device, n), rows) in enumerate(lab.groupby([lab["device"].astype(str), threads])):
+            where = f"{device}, {n} thread{'s' if n != 1 else ''}" if n else device
+            ax.scatter(rows["flops_ratio"], rows["speedup"], marker="D", s=45, facecolor="none",
+                       edgecolor=PALETTE[(4 + i) % len(PALETTE)], lw=1.5, zorder=3,
+                       label=f"trained lab DyDiT ({where})")
     if paper is not None:
         ax.scatter(paper["flops_ratio"], paper["speedup"], marker="*", s=160, color=PALETTE[2],
                    label="DyDiT-XL paper (V100)", zorder=4)

@@ -32,6 +32,29 @@ def test_speedup_figure_reads_json_and_csv(tmp_path):
         figures.load_bench(tmp_path / "empty")
 
 
+def test_lab_bench_reads_bench_sweeps_and_compare_retimings(tmp_path):
+    import pandas as pd
+    (tmp_path / "lab").mkdir()
+    pd.DataFrame([{"name": "DyDiT-lab-L-0.5", "device": "cpu", "num_threads": 2, "batch_size": 100, "steps": 50,
+                   "flops_ratio": 0.52, "speedup": 1.9, "ideal_speedup": 1 / 0.52, "efficiency": 1.9 * 0.52,
+                   "masked_speedup": 0.97}]).to_csv(tmp_path / "lab" / "cpu.csv", index=False)
+    pd.DataFrame([{"name": "static: 50 steps", "flops_fraction": 1.0, "speedup": 1.0, "ideal_speedup": 1.0,
+                   "device": "cuda", "timing_samples": 100, "steps": 50},
+                  {"name": "DyDiT: lambda = 0.5", "flops_fraction": 0.5, "speedup": 0.6, "ideal_speedup": 2.0,
+                   "device": "cuda", "timing_samples": 100, "steps": 50}]).to_csv(tmp_path / "lab" / "gpu.csv",
+                                                                                   index=False)
+    lab = figures.load_lab_bench(tmp_path)
+    assert list(lab.columns) == figures.LAB_BENCH_COLUMNS and len(lab) == 2  # the compare run's static row dropped
+    gpu = lab[lab["device"] == "cuda"].iloc[0]
+    assert gpu["efficiency"] == pytest.approx(0.3) and gpu["batch_size"] == 100 and gpu["flops_ratio"] == 0.5
+    (tmp_path / "sweep.csv").write_text(pd.DataFrame([_bench_row(0.5, 1.9)]).to_csv(index=False))
+    fig, _ = figures.speedup_figure(figures.load_bench(tmp_path), lab=lab)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "trained lab DyDiT (cpu, 2 threads)" in labels and "trained lab DyDiT (cuda)" in labels
+    with pytest.raises(FileNotFoundError, match="bench --checkpoint"):
+        figures.load_lab_bench(tmp_path / "none")
+
+
 def test_quality_vs_flops_figure(tmp_path):
     path = tmp_path / "results.csv"
     path.write_text("name,accuracy,fd_lenet,gflops_per_step,gflops_per_image,strategy,steps,coarse_steps,checkpoint\n"
