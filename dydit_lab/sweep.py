@@ -191,7 +191,9 @@ def row_name(run: Run, sampling_seed: int, seeds: list[int], weights: str, all_w
     return name if len(seeds) == 1 else f"{name}, sampling seed {sampling_seed}"
 
 
-RECORDED_CONFIG = ("target_ratio",)  # config fields every row carries, in the grid or not (the chart's x)
+# Config fields every row carries, in the grid or not: the chart's x, and the lr a spec may set
+# in [config] (two sweeps that differ only there must not read alike).
+RECORDED_CONFIG = ("target_ratio", "lr")
 
 
 def _recorded_config(config) -> dict:

@@ -59,6 +59,7 @@ def test_sweep_trains_evaluates_and_skips_what_is_done(tmp_path, tiny_parent, ca
         assert float(row["fd_lenet_lo"]) <= float(row["fd_lenet_hi"])
         assert 0 <= float(row["accuracy_lo"]) <= float(row["accuracy_hi"]) <= 1
         assert row["target_ratio"] in ("0.5", "0.9")
+        assert float(row["lr"]) == FinetuneConfig.__dataclass_fields__["lr"].default  # [config]'s, not in the grid
     capsys.readouterr()
     main(["sweep", "--spec", str(spec), "--device", "cpu"])  # nothing new
     out = capsys.readouterr().out
