@@ -300,7 +300,9 @@ def _series_colours(names) -> dict:
 def plot_strategies(table: pd.DataFrame) -> Figure:
     """Quality (FD-LeNet, class accuracy) vs compute (GFLOPs per image) and vs measured
     wall-clock per image: one line per strategy series (a caching policy is its own series),
-    each point labelled by its setting, the Pareto front over every point drawn behind."""
+    the Pareto front over every point drawn behind. FD panels label every point by its setting;
+    accuracy panels, where most points crowd into a few hundredths, only the front and the
+    DyDiT families (the colours and the FD panels name the rest)."""
     fig, axes = plt.subplots(2, 2, figsize=(14, 10), layout="constrained")
     panels = [("gflops_per_image", "GFLOPs per image (whole sampling run)"),
               ("seconds_per_image", "CPU wall-clock per image (s)")]
@@ -313,6 +315,7 @@ def plot_strategies(table: pd.DataFrame) -> Figure:
             front = pareto_front(list(table[x]), list(table[metric]), higher_is_better=higher)
             ax.step(table[x].iloc[front], table[metric].iloc[front], where="post", color="grey", lw=5,
                     alpha=0.3, zorder=1, label="Pareto front")
+            on_front = set(table.index[front])
             placed = []
             for name, group in table.groupby(series, sort=False):
                 group = group.sort_values(x)
@@ -320,7 +323,8 @@ def plot_strategies(table: pd.DataFrame) -> Figure:
                 ax.plot(group[x], group[metric], marker=STRATEGY_MARKERS.get(family, "D"), ms=6,
                         color=colours[name], label=name, zorder=3)
                 placed.extend((r[x], r[metric], display_name(r["setting"]), colours[name])
-                              for _, r in group.iterrows())
+                              for i, r in group.iterrows()
+                              if not higher or i in on_front or family.startswith("DyDiT"))
             offsets = label_offsets(ax, [(a, b) for a, b, _, _ in placed], [t for _, _, t, _ in placed],
                                     [4] * len(placed), fontsize=6.5)
             for (px, py, text, colour), dy in zip(placed, offsets):

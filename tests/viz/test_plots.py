@@ -82,6 +82,11 @@ def test_plot_strategies_draws_each_caching_policy_as_its_own_line():
     assert list(lines["caching: FORA"].get_xdata()) == [2.0, 2.8]
     # The front over all points: FORA N = 3 (2.0 GFLOPs, FD 30) is beaten by DyDiT + FORA (1.5, 26).
     assert list(lines["Pareto front"].get_xdata()) == [1.0, 1.5, 2.8, 3.5, 5.0]
+    # FD panels name every point; accuracy panels only the front and DyDiT's (no crowding).
+    texts = lambda ax: sorted(t.get_text() for t in ax.texts)  # noqa: E731
+    assert len(texts(fig.axes[0])) == len(table)
+    assert texts(fig.axes[2]) == sorted(["10 steps", "λ = 0.5 + FORA N = 2", "FORA N = 2", "ToCa 30% every 2",
+                                         "50 steps"])
 
 
 def test_speedup_vs_batch_keeps_cpu_thread_counts_apart_and_names_no_threads_on_a_gpu():
