@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two worker processes, one per core, each test file on one worker (a notebook's cells stay together).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: install
-	$(PY) -m pytest --runslow $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --runslow $(PYTEST_ARGS)
 
 lab: install
 	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/

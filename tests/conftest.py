@@ -4,6 +4,9 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"  # here and in the notebook kernels and CLI processes it starts
+    torch.set_num_threads(1)
 
 from tests.helpers import FIXTURES, randomised, random_dydit  # noqa: E402
 
