@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..analysis.routing import RoutingTrace, trace_sampling
+from ..checkpoints import load_model
 from ..models.dydit import CompleteModel, DyDiT
 from ..paths import resolve_device
 from .run import time_paths
@@ -80,8 +81,6 @@ def checkpoint_sweep(checkpoint: str, batch_sizes: list[int], steps: int = 50, r
                      device="auto", threads: int | None = None, progress: bool = True) -> list[dict]:
     """:func:`checkpoint_speedup` of a DyDiT checkpoint file at each of ``batch_sizes`` (one row
     each, named after the file, with its path)."""
-    from ..checkpoints import load_model  # the bench's only reader of checkpoint files
-
     model = load_model(checkpoint, device=resolve_device(device))
     rows = []
     for batch in batch_sizes:
