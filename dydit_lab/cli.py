@@ -149,8 +149,9 @@ def cmd_bench(args):
         if args.sweep_batch:
             name = args.name or f"{rows[0]['device']}_{rows[0]['name']}_sweep".replace("-", "_").lower()
             print(f"wrote {write_csv(rows, BENCH_DIR / 'lab' / (name + '.csv'))}")
-        result = rows if args.sweep_batch else rows[0]
-        if not args.sweep_batch:
+            result = rows
+        else:
+            result = rows[0]
             print(json.dumps(result, indent=1))
     elif args.profile:
         result = run_profile(args.arch, input_size=args.input_size, target_ratio=args.target_ratio,

@@ -20,7 +20,8 @@ from ..analysis.routing import RoutingTrace, trace_sampling
 from ..checkpoints import load_model
 from ..models.dydit import CompleteModel, DyDiT
 from ..paths import resolve_device
-from .run import time_paths
+from .run import sliced_vs_masked, time_paths
+from .setup import set_threads
 from .workload import BenchInputs
 
 
@@ -44,20 +45,14 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
         raise ValueError(f"a speed-up needs a DyDiT checkpoint, got a {type(model).__name__}")
     if batch_size < 1 or steps < 1 or repeats < 1:
         raise ValueError(f"batch_size, steps and repeats must be positive, got {batch_size}, {steps}, {repeats}")
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be positive, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     device = resolve_device(device)
     model = model.to(device).eval()
     labels = torch.arange(batch_size) % model.num_classes
     trace = trace_sampling(model, labels, steps=steps, seed=seed, device=device, progress=False)
     timing = time_paths(CompleteModel(model), model, trace_inputs(trace, device), repeats, device)
     routings = [routing for _, routing in timing["outputs"]["sliced"]]
-    masked = timing["outputs"]["masked"]
-    flipped = sum(int((a.tokens != b.tokens).sum()) for a, (_, b) in zip(routings, masked))
-    relative = max(float((a - b).abs().max() / b.abs().max())
-                   for (a, _), (b, _) in zip(timing["outputs"]["sliced"], masked))
+    agreement = sliced_vs_masked(timing["outputs"])
     mean = lambda values: float(torch.stack([v.float().mean().cpu() for v in values]).mean())  # noqa: E731
     flops_ratio = mean(r.flops_fraction(model.config) for r in routings)
     per_step = {path: statistics.median(times) / steps for path, times in timing["times"].items()}
@@ -71,8 +66,9 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
         "masked_seconds": per_step["masked"], "speedup": speedup,
         "masked_speedup": per_step["static"] / per_step["masked"], "ideal_speedup": 1 / flops_ratio,
         "efficiency": speedup * flops_ratio, "token_keep_rate": mean(r.tokens for r in routings),
-        "max_relative_diff_sliced_masked": relative, "token_decisions_flipped": flipped,
-        "token_decisions": sum(r.tokens.numel() for r in routings),
+        "max_relative_diff_sliced_masked": agreement["max_relative_diff_sliced_masked"],
+        "token_decisions_flipped": agreement["token_decisions_flipped"],
+        "token_decisions": agreement["token_decisions"],
         "num_threads": torch.get_num_threads(), "torch_version": torch.__version__,
     }
 

@@ -74,7 +74,6 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
         for x, t in zip(inputs.x, inputs.t):
             _timed_call(fn, x, t, inputs.y, device)
     times = {name: [] for name in paths}
-    last = {name: [] for name in paths}
     for _ in range(repeats):
         totals = dict.fromkeys(paths, 0.0)
         outs = {name: [] for name in paths}
@@ -86,9 +85,22 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
                 outs[name].append(out)
         for name in paths:
             times[name].append(totals[name])
-        last = outs
     dydit.execution = "sliced"
-    return {"times": times, "outputs": last}
+    return {"times": times, "outputs": outs}
+
+
+def sliced_vs_masked(outputs: dict) -> dict:
+    """How far the sliced path's outputs (``time_paths``'s last pass) are from the masked
+    path's: token decisions that differ, of all, and the largest absolute and relative
+    output difference. A token whose router score sits at the threshold can flip between the
+    two (their float sums differ in order); one flipped token moves the outputs by its MLP update."""
+    pairs = list(zip(outputs["sliced"], outputs["masked"]))
+    return {
+        "token_decisions_flipped": sum(int((a.tokens != b.tokens).sum()) for (_, a), (_, b) in pairs),
+        "token_decisions": sum(a.tokens.numel() for (_, a), _ in pairs),
+        "max_abs_diff_sliced_masked": max(float((a - b).abs().max()) for (a, _), (b, _) in pairs),
+        "max_relative_diff_sliced_masked": max(float((a - b).abs().max() / b.abs().max()) for (a, _), (b, _) in pairs),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -142,12 +154,10 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
     sliced_routings = [r for _, r in outs["sliced"]]
     masked_routings = [r for _, r in outs["masked"]]
     summary = _routing_summary(cfg, sliced_routings)
-    # A token whose router score sits at the threshold can flip between the two paths (their
-    # float sums differ in order); one flipped token makes the outputs differ by its MLP update.
-    flipped = sum(int((a.tokens != b.tokens).sum()) for a, b in zip(sliced_routings, masked_routings))
-    routing_agree = flipped == 0 and all(torch.equal(a.heads, b.heads) and torch.equal(a.groups, b.groups)
-                                         for a, b in zip(sliced_routings, masked_routings))
-    max_diff = max(float((a - b).abs().max()) for (a, _), (b, _) in zip(outs["sliced"], outs["masked"]))
+    agreement = sliced_vs_masked(outs)
+    routing_agree = agreement["token_decisions_flipped"] == 0 and all(
+        torch.equal(a.heads, b.heads) and torch.equal(a.groups, b.groups)
+        for a, b in zip(sliced_routings, masked_routings))
 
     per_step = lambda name: statistics.median(timing["times"][name]) / steps  # noqa: E731
     static, dynamic, masked = per_step("static"), per_step("sliced"), per_step("masked")
@@ -186,9 +196,9 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
         "dynamic_pass_seconds": timing["times"]["sliced"],
         "masked_pass_seconds": timing["times"]["masked"],
         "routing_agree": routing_agree,
-        "max_abs_diff_sliced_masked": max_diff,
-        "token_decisions_flipped": flipped,
-        "token_decisions": sum(r.tokens.numel() for r in sliced_routings),
+        "max_abs_diff_sliced_masked": agreement["max_abs_diff_sliced_masked"],
+        "token_decisions_flipped": agreement["token_decisions_flipped"],
+        "token_decisions": agreement["token_decisions"],
         **setting.as_dict(),
         "torch_version": torch.__version__,
         "num_threads": torch.get_num_threads(),

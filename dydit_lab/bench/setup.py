@@ -30,6 +30,15 @@ class PreparedBench:
     device: torch.device
 
 
+def set_threads(threads: int | None) -> None:
+    """Set torch's intra-op thread count (None: leave torch's choice); ValueError below 1."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be positive, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def prepare_bench(arch: str, input_size: int = 32, target_ratio: float = 0.5, batch_size: int = 2,
                   steps: int = 4, device: str | torch.device = "cpu", seed: int = 0,
                   keep_rate: float = DEFAULT_KEEP_RATE, width_slope: float = DEFAULT_WIDTH_SLOPE,
@@ -38,10 +47,7 @@ def prepare_bench(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
     (or reuse) the models, make the inputs and set the routers for ``target_ratio``; the
     sliced-weight cache starts empty. Raises ValueError for a bad arch, target, batch or thread count."""
     cfg = get_config(arch, input_size=input_size)
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be positive, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     check_target(cfg, target_ratio)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

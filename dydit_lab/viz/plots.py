@@ -183,6 +183,18 @@ def _finish_speedup_axes(ax: Axes, x_label: str, title: str, legend_size: float,
     _style(ax)
 
 
+def _cpu_threads(table: pd.DataFrame) -> pd.Series:
+    """Each timing's CPU thread count (0 where unknown, and on a GPU, where the host's thread
+    count says nothing of its speed): runs at different counts are never one series."""
+    threads = table["num_threads"] if "num_threads" in table else pd.Series(0, index=table.index)
+    return threads.where(table["device"].astype(str).str.startswith("cpu"), 0).fillna(0).astype(int)
+
+
+def _where(device: str, threads: int) -> str:
+    """A series' device in a legend: ``cpu, 2 threads``, or the device alone."""
+    return f"{device}, {threads} thread{'s' if threads != 1 else ''}" if threads else device
+
+
 def plot_speedup_vs_ratio(bench: pd.DataFrame, paper: pd.DataFrame | None = None,
                           ax: Axes | None = None, lab: pd.DataFrame | None = None) -> Figure:
     """Measured speed-up vs FLOPs fraction (sliced and masked), the ideal 1/x, paper points,
@@ -199,9 +211,8 @@ def plot_speedup_vs_ratio(bench: pd.DataFrame, paper: pd.DataFrame | None = None
         ax.scatter(rows["flops_ratio"], rows["masked_speedup"], marker=m, s=50, color=PALETTE[3],
                    label=f"masked, official-style ({device})", zorder=3)
     if lab is not None and not lab.empty:
-        threads = lab["num_threads"].fillna(0).astype(int).where(lab["device"].astype(str).str.startswith("cpu"), 0)
-        for i, ((device, n), rows) in enumerate(lab.groupby([lab["device"].astype(str), threads])):
-            where = f"{device}, {n} thread{'s' if n != 1 else ''}" if n else device
+        for i, ((device, n), rows) in enumerate(lab.groupby([lab["device"].astype(str), _cpu_threads(lab)])):
+            where = _where(device, n)
             ax.scatter(rows["flops_ratio"], rows["speedup"], marker="D", s=45, facecolor="none",
                        edgecolor=PALETTE[(4 + i) % len(PALETTE)], lw=1.5, zorder=3,
                        label=f"trained lab DyDiT ({where})")
@@ -216,14 +227,11 @@ def plot_speedup_vs_batch(bench: pd.DataFrame, ax: Axes | None = None) -> Figure
     """Speed-up vs batch size, one series per device, target and thread count (runs at
     different thread counts are never merged into one point); log-2 batch axis."""
     fig, ax = _axes(ax)
-    threads = bench["num_threads"] if "num_threads" in bench else pd.Series(0, index=bench.index)
-    device = bench["device"].astype(str)
-    threads = threads.where(device.str.startswith("cpu"), 0)  # a GPU run's host thread count says nothing of its speed
-    keys = [device, bench["target_ratio"].round(2), threads.fillna(0).astype(int)]
+    keys = [bench["device"].astype(str), bench["target_ratio"].round(2), _cpu_threads(bench)]
     for i, ((device, target, n), rows) in enumerate(bench.groupby(keys)):
         rows = rows.groupby("batch_size", as_index=False)[["speedup", "masked_speedup"]].median()
         color = PALETTE[i % len(PALETTE)]
-        where = f"{device}, {n} thread{'s' if n != 1 else ''}" if n else device
+        where = _where(device, n)
         ax.plot(rows["batch_size"], rows["speedup"], "o-", color=color,
                 label=f"sliced, ratio {target}, {where}")
         ax.plot(rows["batch_size"], rows["masked_speedup"], "x--", color=color, alpha=0.7,
