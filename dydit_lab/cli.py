@@ -13,7 +13,7 @@ import sys
 from .analysis.commands import add_commands as add_analysis_commands
 from .bench.checkpoint import checkpoint_sweep
 from .bench.profile import describe_profile, run_profile
-from .bench.run import parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
+from .bench.run import median_of_runs, parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
 from .caching.commands import add_commands as add_caching_commands
 from .checkpoints import export_checkpoint, load_model
 from .data import mnist_split
@@ -137,15 +137,18 @@ def cmd_bench(args):
     common = dict(input_size=args.input_size, target_ratio=args.target_ratio, steps=args.steps,
                   repeats=args.repeats, device=args.device, seed=args.seed,
                   keep_rate=args.keep_rate, threads=args.threads, verbose=not args.quiet)
+    if args.runs < 1:
+        raise ValueError(f"--runs must be positive, got {args.runs}")
     if bool(args.arch) == bool(args.checkpoint):
         raise ValueError("give --arch (random weights, routers set to --target-ratio) or --checkpoint "
                          "(a trained DyDiT on its own sampling run), not both")
     if args.checkpoint:
         if args.profile:
             raise ValueError("--profile times --arch models; profile a checkpoint with dydit_lab.bench.profile")
-        rows = checkpoint_sweep(args.checkpoint, parse_batch_list(args.sweep_batch or str(args.batch_size)),
-                                steps=args.steps, repeats=args.repeats, device=args.device, threads=args.threads,
-                                progress=not args.quiet)
+        batches = parse_batch_list(args.sweep_batch or str(args.batch_size))
+        rows = median_of_runs([checkpoint_sweep(args.checkpoint, batches, steps=args.steps, repeats=args.repeats,
+                                                device=args.device, threads=args.threads, progress=not args.quiet)
+                               for _ in range(args.runs)])
         if args.sweep_batch:
             name = args.name or f"{rows[0]['device']}_{rows[0]['name']}_sweep".replace("-", "_").lower()
             print(f"wrote {write_csv(rows, BENCH_DIR / 'lab' / (name + '.csv'))}")
@@ -154,17 +157,21 @@ def cmd_bench(args):
             result = rows[0]
             print(json.dumps(result, indent=1))
     elif args.profile:
+        if args.runs != 1:
+            raise ValueError("--profile is one pass; --runs is for timing")
         result = run_profile(args.arch, input_size=args.input_size, target_ratio=args.target_ratio,
                              batch_size=args.batch_size, steps=args.steps, device=args.device, seed=args.seed,
                              threads=args.threads)
         print(describe_profile(result))
     elif args.sweep_batch:
-        rows = run_sweep(args.arch, parse_batch_list(args.sweep_batch), **common)
+        rows = median_of_runs([run_sweep(args.arch, parse_batch_list(args.sweep_batch), **common)
+                               for _ in range(args.runs)])
         name = args.name or sweep_name(args.arch, rows[0]["device"], args.target_ratio)
         print(f"wrote {write_csv(rows, BENCH_DIR / (name + '.csv'))}")
         result = rows
     else:
-        result = run_benchmark(args.arch, batch_size=args.batch_size, **common)
+        result = median_of_runs([[run_benchmark(args.arch, batch_size=args.batch_size, **common)]
+                                 for _ in range(args.runs)])[0]
         print(json.dumps(result, indent=1))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -316,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=4, help="sampled timesteps (respaced process)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
+    p.add_argument("--runs", type=int, default=1, help="separate measurements, one after another (fresh "
+                   "models, inputs and warm-up each); each row is the run with the median speed-up")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-rate", type=float, default=0.75, help="SDT token keep rate to start from")

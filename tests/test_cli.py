@@ -388,6 +388,12 @@ def test_cli_times_a_trained_checkpoint(tmp_path, monkeypatch, capsys):
     with open(tmp_path / "data" / "bench" / "lab" / "cpu_dydit_mine_sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["batch_size"]) for r in rows] == [1, 2] and rows[0]["checkpoint"] == str(path)
+    main(["bench", "--checkpoint", str(path), "--sweep-batch", "2", "--steps", "2", "--repeats", "1", "--runs", "3",
+          "--name", "three_runs", "--quiet"])
+    with open(tmp_path / "data" / "bench" / "lab" / "three_runs.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert int(row["runs"]) == 3 and float(row["speedup"]) == sorted(json.loads(row["speedup_runs"]))[1]
+    assert "--runs must be positive" in cli_error(capsys, ["bench", "--checkpoint", str(path), "--runs", "0"])
     assert "not both" in cli_error(capsys, ["bench", "--arch", BENCH_ARCH, "--checkpoint", str(path)])
     assert "not both" in cli_error(capsys, ["bench"])
 

@@ -242,6 +242,25 @@ def sweep_name(arch: str, device: str, target_ratio: float) -> str:
     return f"{device}_{slug}_r{target_ratio:g}_sweep"
 
 
+def median_of_runs(runs: list[list[dict]]) -> list[dict]:
+    """Combine separate runs of one sweep (``runs[i][j]``: run i, batch size j) into one row per
+    batch size: the run whose speed-up is the median (the lower median for an even count), so
+    every number in a row comes from one measurement, plus ``runs`` and every run's speed-up
+    and efficiency. One run's repeats share the machine's state of that minute; separate runs
+    show how much the result moves between minutes."""
+    if not runs or any(len(run) != len(runs[0]) for run in runs):
+        raise ValueError("median_of_runs needs one or more runs, each with the same batch sizes")
+    rows = []
+    for per_batch in zip(*runs):
+        if len({row["batch_size"] for row in per_batch}) != 1:
+            raise ValueError("runs differ in batch sizes: " + ", ".join(str(r["batch_size"]) for r in per_batch))
+        ranked = sorted(per_batch, key=lambda row: row["speedup"])
+        rows.append({**ranked[(len(ranked) - 1) // 2], "runs": len(per_batch),
+                     "speedup_runs": [row["speedup"] for row in per_batch],
+                     "efficiency_runs": [row["efficiency"] for row in per_batch]})
+    return rows
+
+
 def run_sweep(arch: str, batch_sizes: list[int], *, device: str = "auto", input_size: int = 32,
               verbose: bool = False, **kwargs) -> list[dict]:
     """:func:`run_benchmark` for several batch sizes on one pair of models."""

@@ -188,13 +188,13 @@ def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
     if not rows:
         raise FileNotFoundError(f"no benchmark results in {bench_dir}: run python -m dydit_lab bench")
     keep = ["arch", "device", "batch_size", "target_ratio", "flops_ratio", "static_seconds",
-            "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup", "num_threads"]
+            "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup", "num_threads", "runs"]
     df = pd.DataFrame(rows)
     return df[[c for c in keep if c in df.columns]]
 
 
 LAB_BENCH_COLUMNS = ["name", "device", "num_threads", "batch_size", "steps", "flops_ratio", "speedup",
-                     "ideal_speedup", "efficiency", "masked_speedup", "source"]
+                     "ideal_speedup", "efficiency", "masked_speedup", "runs", "source"]
 
 
 def load_lab_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:

@@ -90,3 +90,23 @@ def test_paths_are_interleaved_at_every_step_in_a_rotating_order(models, inputs)
     assert len(set(firsts[:3])) == min(3, steps)  # the leading path rotates from step to step
     assert {k: len(v) for k, v in timing["times"].items()} == {"static": 2, "sliced": 2, "masked": 2}
     assert all(len(v) == steps for v in timing["outputs"].values())
+
+
+def test_median_of_runs_keeps_the_median_run_whole_and_every_runs_speedup():
+    def row(batch, speedup, tag):
+        return {"batch_size": batch, "speedup": speedup, "efficiency": speedup / 2, "static_seconds": tag}
+    runs = [[row(1, 1.9, "a1"), row(4, 2.1, "a4")],
+            [row(1, 1.7, "b1"), row(4, 1.8, "b4")],
+            [row(1, 2.0, "c1"), row(4, 1.9, "c4")]]
+    rows = bench.median_of_runs(runs)
+    assert [r["static_seconds"] for r in rows] == ["a1", "c4"]  # every number from the median run
+    assert rows[0]["runs"] == 3 and rows[0]["speedup_runs"] == [1.9, 1.7, 2.0]
+    assert rows[1]["efficiency_runs"] == [1.05, 0.9, 0.95]
+    assert [r["static_seconds"] for r in bench.median_of_runs(runs[:2])] == ["b1", "b4"]  # lower median
+    assert bench.median_of_runs(runs[:1])[0]["runs"] == 1
+    with pytest.raises(ValueError, match="same batch sizes"):
+        bench.median_of_runs([runs[0], runs[1][:1]])
+    with pytest.raises(ValueError, match="differ in batch sizes"):
+        bench.median_of_runs([runs[0], runs[1][::-1]])
+    with pytest.raises(ValueError, match="one or more runs"):
+        bench.median_of_runs([])
