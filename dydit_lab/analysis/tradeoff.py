@@ -77,14 +77,25 @@ def recipe_targets(rows: pd.DataFrame, parent_fd: float, target_ratio: float | N
 CONTROL_GRID_KEYS = ("routers", "lr")
 
 
+def _varies(rows: pd.DataFrame, key: str) -> bool:
+    """Whether a control sweep's rows name ``key`` as their grid column: any value for the
+    router kind (one kind is still "TDW only"), two or more distinct values for the lr."""
+    if key not in rows:
+        return False
+    values = rows[key].astype(str)
+    values = values[values != ""]
+    return len(values) > 0 and (key == "routers" or values.nunique() > 1)
+
+
 def control_summaries(controls: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """Each control sweep (name -> :func:`sweep_rows`) summarised over its training seeds, one
     summary per value of the grid column it varies (``routers``: "TDW only"; ``lr``: the name
     up to its last ", " then "lr 1e-05"), else one for the whole sweep. A column that exists
-    only because other sweeps' rows have it (empty here) does not count."""
+    only because other sweeps' rows have it (empty here) does not count, nor an ``lr`` that every
+    row of the sweep shares (sweeps record their lr even when they do not vary it)."""
     summaries = {}
     for name, rows in controls.items():
-        key = next((k for k in CONTROL_GRID_KEYS if k in rows and (rows[k].astype(str) != "").any()), None)
+        key = next((k for k in CONTROL_GRID_KEYS if _varies(rows, k)), None)
         groups = rows.groupby(key) if key else [(None, rows)]
         for value, part in groups:
             if key is None:

@@ -63,11 +63,13 @@ def test_control_summaries_give_one_point_per_grid_value_and_ignore_empty_column
     def row(sweep, seed, fd, **grid):
         return {"name": f"{sweep}: {grid} seed={seed}", "sweep": sweep, "fd_lenet": str(fd), "accuracy": "0.9",
                 "gflops_per_image": "5.5", "routers": "", "lr": "", **grid}
-    table = [row("plain", 0, 10.0), row("plain", 1, 12.0),
+    table = [row("plain", 0, 10.0), row("plain", 1, 12.0, lr="3e-4"),
              row("abl", 0, 30.0, routers="tdw"), row("abl", 0, 40.0, routers="sdt"),
              row("ctl 1,200 steps, lr sweep", 0, 7.0, lr="1e-05"), row("ctl 1,200 steps, lr sweep", 0, 8.0, lr="3e-05")]
     controls = {name: sweep_rows(table, name) for name in ("plain", "abl", "ctl 1,200 steps, lr sweep")}
     summaries = control_summaries(controls)
     assert sorted(summaries) == ["SDT only", "TDW only", "ctl 1,200 steps, lr 1e-05", "ctl 1,200 steps, lr 3e-05", "plain"]
     assert summaries["plain"].runs.iloc[0] == 2 and summaries["plain"].fd_lenet_median.iloc[0] == 11.0
+    only_tdw = control_summaries({"abl": sweep_rows(table[2:3], "abl")})
+    assert list(only_tdw) == ["TDW only"]  # one router kind present is still that kind's point
     assert summaries["ctl 1,200 steps, lr 3e-05"].fd_lenet_median.iloc[0] == 8.0
