@@ -32,10 +32,11 @@ def plot_tradeoff(summary: pd.DataFrame, references: dict[str, pd.DataFrame] | N
             ax.plot(rows["gflops_per_image"], rows[metric], "o--", color=PALETTE[(i + 1) % len(PALETTE)],
                     alpha=0.8, label=name)
         _ranged(ax, summary, metric, PALETTE[0], "s-", label)
-        for lam, x, y, runs in zip(summary["target_ratio"], summary["gflops_per_image_median"],
-                                   summary[f"{metric}_median"], summary["runs"]):
-            ax.annotate(f"λ = {lam:g} ({runs})", (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7,
-                        color=PALETTE[0])
+        points = zip(summary["target_ratio"], summary["gflops_per_image_median"], summary[f"{metric}_median"],
+                     summary["runs"])
+        for k, (lam, x, y, runs) in enumerate(points):  # above and below in turn: neighbours' labels stay apart
+            ax.annotate(f"λ = {lam:g} ({runs})", (x, y), xytext=(5, 5 if k % 2 == 0 else -11),
+                        textcoords="offset points", fontsize=7, color=PALETTE[0])
         for j, (name, rows) in enumerate((controls or {}).items()):
             _ranged(ax, rows, metric, PALETTE[(j + 5) % len(PALETTE)], "D", name)
         ax.set_xlabel("GFLOPs per image (whole sampling run)", fontsize=LABEL_SIZE)
