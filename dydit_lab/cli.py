@@ -139,6 +139,10 @@ def cmd_bench(args):
                   keep_rate=args.keep_rate, threads=args.threads, verbose=not args.quiet)
     if args.runs < 1:
         raise ValueError(f"--runs must be positive, got {args.runs}")
+
+    def measured(measure):  # --runs separate measurements, one row per batch size from the median run
+        return median_of_runs([measure() for _ in range(args.runs)])
+
     if bool(args.arch) == bool(args.checkpoint):
         raise ValueError("give --arch (random weights, routers set to --target-ratio) or --checkpoint "
                          "(a trained DyDiT on its own sampling run), not both")
@@ -146,9 +150,8 @@ def cmd_bench(args):
         if args.profile:
             raise ValueError("--profile times --arch models; profile a checkpoint with dydit_lab.bench.profile")
         batches = parse_batch_list(args.sweep_batch or str(args.batch_size))
-        rows = median_of_runs([checkpoint_sweep(args.checkpoint, batches, steps=args.steps, repeats=args.repeats,
-                                                device=args.device, threads=args.threads, progress=not args.quiet)
-                               for _ in range(args.runs)])
+        rows = measured(lambda: checkpoint_sweep(args.checkpoint, batches, steps=args.steps, repeats=args.repeats,
+                                                 device=args.device, threads=args.threads, progress=not args.quiet))
         if args.sweep_batch:
             name = args.name or f"{rows[0]['device']}_{rows[0]['name']}_sweep".replace("-", "_").lower()
             print(f"wrote {write_csv(rows, BENCH_DIR / 'lab' / (name + '.csv'))}")
@@ -164,14 +167,13 @@ def cmd_bench(args):
                              threads=args.threads)
         print(describe_profile(result))
     elif args.sweep_batch:
-        rows = median_of_runs([run_sweep(args.arch, parse_batch_list(args.sweep_batch), **common)
-                               for _ in range(args.runs)])
+        batches = parse_batch_list(args.sweep_batch)
+        rows = measured(lambda: run_sweep(args.arch, batches, **common))
         name = args.name or sweep_name(args.arch, rows[0]["device"], args.target_ratio)
         print(f"wrote {write_csv(rows, BENCH_DIR / (name + '.csv'))}")
         result = rows
     else:
-        result = median_of_runs([[run_benchmark(args.arch, batch_size=args.batch_size, **common)]
-                                 for _ in range(args.runs)])[0]
+        result = measured(lambda: [run_benchmark(args.arch, batch_size=args.batch_size, **common)])[0]
         print(json.dumps(result, indent=1))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
