@@ -22,7 +22,7 @@ from .evaluation.commands import add_commands as add_classifier_commands
 from .evaluation.report import classifier_files, count_flops_report, evaluate_checkpoint
 from .evaluation.results import record_result
 from .evaluation.strategies import compare_strategies
-from .flops import schedule_flops
+from .models.flops import schedule_flops
 from .models.configs import get_config
 from .models.dydit import DyDiT, sampling_flops
 from .official.latents import extract_latents

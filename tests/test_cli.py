@@ -16,7 +16,7 @@ from dydit_lab import cli
 from dydit_lab.cli import main
 from dydit_lab.evaluation.results import read_results, record_result
 from dydit_lab.evaluation.strategies import strategy_table
-from dydit_lab.flops import analytic_flops, dynamic_block_flops
+from dydit_lab.models.flops import analytic_flops, dynamic_block_flops
 from dydit_lab.models.dydit import DyDiT
 from dydit_lab.models.flexidit import FlexiDiT
 from dydit_lab.paths import DATA_DIR

@@ -114,7 +114,7 @@ def test_the_walk_sees_the_whole_package():
     graph = _graph()
     # Resolution: relative, two-dot and submodule imports land on the right modules.
     assert "dydit_lab.models.configs" in graph["dydit_lab.models.dit"]
-    assert "dydit_lab.flops" in graph["dydit_lab.models.dit"]  # `from .. import flops`
+    assert "dydit_lab.models.flops" in graph["dydit_lab.models.dit"]  # `from . import flops`
     assert "dydit_lab.checkpoints" in graph["dydit_lab.training.loop"]
 
 
@@ -158,3 +158,21 @@ def test_models_import_nothing_above_them():
              for target in graph[module]
              if any(target == b or target.startswith(b + ".") for b in banned)]
     assert not wrong, "\n".join(wrong)
+
+
+def _unit(module: str) -> str:
+    """The folder or top-level module a module belongs to: ``dydit_lab.models.dit`` -> ``dydit_lab.models``."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_cycles_between_folders_and_top_level_modules():
+    """Data flows one way between the package's parts too: no module of a folder imports a
+    part that imports back into that folder (the package's own ``__init__`` only re-exports)."""
+    units: dict[str, set[str]] = {}
+    for module, targets in _graph().items():
+        if module == PACKAGE:
+            continue
+        edges = units.setdefault(_unit(module), set())
+        edges.update(_unit(t) for t in targets if t != PACKAGE and _unit(t) != _unit(module))
+    cycle = _find_cycle(units)
+    assert cycle is None, "folders import each other: " + " -> ".join(cycle)

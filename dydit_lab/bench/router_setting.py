@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import flops as flops_lib
+from ..models import flops as flops_lib
 from ..models.configs import DiTConfig
 from ..models.dydit import DyDiT
 from ..models.routers import Routing

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import flops as flops_lib
+from ..models import flops as flops_lib
 from ..models.configs import DiTConfig, get_config
 from ..models.dit import DiT
 from ..models.dydit import DyDiT

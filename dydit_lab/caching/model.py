@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import flops
+from ..models import flops
 from ..diffusion import GaussianDiffusion
 from ..models.dit import DiT, ModelWrapper
 from ..models.dydit import DyDiT

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from .. import flops
+from ..models import flops
 from ..models.dit import modulate
 
 

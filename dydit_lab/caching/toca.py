@@ -7,7 +7,7 @@ the last full step (L2-normalised over tokens), plus ``staleness_weight`` x (ste
 last recomputed / interval), plus a bonus for the best token of each 2x2 patch neighbourhood
 (spreads the fresh tokens over the image). The current step's adaLN gates are applied to the
 cached outputs, so a cache step pays each block's adaLN, plus norm2 and the MLP on its fresh
-tokens (:func:`dydit_lab.flops.partial_block_flops`). On a DyDiT the block runs at its planned
+tokens (:func:`dydit_lab.models.flops.partial_block_flops`). On a DyDiT the block runs at its planned
 width, and its token router decides which fresh tokens the MLP runs on (it scores only those).
 """
 
@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import flops
+from ..models import flops
 from ..models.dit import gated_residual, modulate
 from .policies import CachePolicy, _check
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .. import flops
+from ..models import flops
 from ..checkpoints import read_checkpoint
 from ..data import mnist_split
 from ..models.configs import DiTConfig, get_config

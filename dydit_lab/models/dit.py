@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import flops
+from . import flops
 from ..diffusion import guide_doubled_output
 from .configs import DIT_CONFIGS, FREQUENCY_EMBEDDING_SIZE, DiTConfig, get_config  # noqa: F401 (re-exported)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import flops as flops_lib
+from . import flops as flops_lib
 from ..diffusion import GaussianDiffusion
 from .dit import DiT, DiTBlock, DiTConfig, ModelWrapper
 from .dydit_block import DyDiTBlock

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import flops
+from . import flops
 from ..diffusion import NUM_TIMESTEPS, guide_doubled_output, space_timesteps
 from .configs import DiTConfig, coarse_patch_sizes
 from .dit import DiT, ModelWrapper, PatchEmbed, _1d_sincos, get_2d_sincos_pos_embed, modulate

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .. import flops as flops_lib
+from . import flops as flops_lib
 from .dit import DiTConfig
 
 GUMBEL_TAU = 5.0

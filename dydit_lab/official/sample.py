@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import flops as flops_lib
+from ..models import flops as flops_lib
 from ..checkpoints import load_model
 from ..diffusion import GaussianDiffusion
 from ..models.dit import ModelWrapper

@@ -23,7 +23,7 @@ from ..data import mnist_split
 from ..evaluation.sampling import generate
 from ..caching.drift import caching_drift
 from ..evaluation.strategies import CACHING, select, strategy_table
-from ..flops import analytic_flops, num_tokens, schedule_flops
+from ..models.flops import analytic_flops, num_tokens, schedule_flops
 from ..models.configs import get_config
 from ..paths import BENCH_DIR, CHECKPOINT_DIR, FIGURES_DIR, RESULTS_CSV
 from .caching_plots import plot_caching_drift

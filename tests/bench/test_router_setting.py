@@ -7,7 +7,7 @@ import torch
 from dydit_lab.bench import router_setting as bench
 from dydit_lab.bench.run import run_benchmark
 from dydit_lab.bench.workload import build_models, make_inputs
-from dydit_lab.flops import dydit_flops_bounds
+from dydit_lab.models.flops import dydit_flops_bounds
 from tests.helpers import BENCH_BATCH as BATCH, BENCH_STEPS as STEPS
 
 

@@ -1,9 +1,9 @@
-"""The formulas of partial forwards (dydit_lab.flops), by hand on DiT-lab-T and against the
+"""The formulas of partial forwards (dydit_lab.models.flops), by hand on DiT-lab-T and against the
 static count on every preset."""
 
 import pytest
 
-from dydit_lab import flops
+from dydit_lab.models import flops
 from dydit_lab.models.configs import DIT_CONFIGS, get_config
 from tests.caching.test_policies import BLOCK, D, HIDDEN, N, OUTSIDE
 

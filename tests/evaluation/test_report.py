@@ -5,7 +5,7 @@ import pytest
 import dydit_lab
 from dydit_lab.evaluation.report import count_flops_report, evaluate_checkpoint
 from dydit_lab.evaluation.sampling import sampling_model
-from dydit_lab.flops import analytic_flops, schedule_flops
+from dydit_lab.models.flops import analytic_flops, schedule_flops
 from dydit_lab.models.dydit import CompleteModel, DyDiT
 from dydit_lab.models.flexidit import PatchSchedule
 

@@ -109,7 +109,7 @@ def test_class_labels_past_the_null_label_are_refused():
 
 
 def test_sampling_cost_of_a_dit_is_its_static_forward():
-    from dydit_lab.flops import analytic_flops
+    from dydit_lab.models.flops import analytic_flops
 
     model = dydit_lab.create_model("DiT-lab-T")
     cost = model.sampling_cost(10)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dydit_lab.diffusion import GaussianDiffusion, space_timesteps
-from dydit_lab.flops import fvcore_flops, schedule_flops
+from dydit_lab.models.flops import fvcore_flops, schedule_flops
 from dydit_lab.models.configs import get_config
 from dydit_lab.models.dit import DiT, get_2d_sincos_pos_embed
 from dydit_lab.models.dydit import DyDiT

@@ -4,7 +4,7 @@ routing record's FLOPs (block fraction as the official loss, exact MACs by hand 
 import pytest
 import torch
 
-from dydit_lab.flops import analytic_flops, dynamic_block_flops
+from dydit_lab.models.flops import analytic_flops, dynamic_block_flops
 from dydit_lab.models.configs import get_config
 from dydit_lab.models.routers import (Routing, TokenRouter, WidthRouter, gate,
                                       init_routers_all_on)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dydit_lab.evaluation.report import count_flops_report
-from dydit_lab.flops import (
+from dydit_lab.models.flops import (
     analytic_flops,
     block_flops,
     dydit_flops_bounds,

@@ -40,7 +40,7 @@ with warnings.catch_warnings():
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-from .models.configs import FREQUENCY_EMBEDDING_SIZE, DiTConfig, coarse_patch_sizes, get_config
+from .configs import FREQUENCY_EMBEDDING_SIZE, DiTConfig, coarse_patch_sizes, get_config
 
 Number = Union[int, float]
 
