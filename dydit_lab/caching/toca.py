@@ -51,10 +51,7 @@ def mlp_on(block, h: torch.Tensor, width=None) -> torch.Tensor:
     since GELU(0) = 0)."""
     if width is None:
         return block.mlp(h)
-    if not width[1]:
-        return block.mlp.fc2.bias.expand(*h.shape[:-1], -1)
-    w = block.sliced_weights(*width)
-    return F.linear(block.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, block.mlp.fc2.bias)
+    return block.sliced_mlp(h, block.sliced_weights(*width), width[1])
 
 
 def routed_mlp(block, x: torch.Tensor, shift, scale, width=None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -118,7 +118,7 @@ class DyDiTBlock(DiTBlock):
         kept = idx.numel()
         if kept == B * N:  # every token: the plain MLP, no gather
             h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-            x = gated_residual(x, gate_mlp, self._sliced_mlp(h, w, groups))
+            x = gated_residual(x, gate_mlp, self.sliced_mlp(h, w, groups))
         elif kept:
             # Only the kept rows are normalised, modulated (with their sample's shift and scale)
             # and run through the MLP; the gated output is added back into x in place (x is
@@ -126,12 +126,13 @@ class DyDiTBlock(DiTBlock):
             sample = torch.div(idx, N, rounding_mode="floor")
             rows = self.norm2(x.reshape(B * N, C).index_select(0, idx))
             h = torch.addcmul(shift_mlp.index_select(0, sample), rows, (1 + scale_mlp).index_select(0, sample))
-            out = self._sliced_mlp(h, w, groups) * gate_mlp.index_select(0, sample)
+            out = self.sliced_mlp(h, w, groups) * gate_mlp.index_select(0, sample)
             x = x.reshape(B * N, C).index_add_(0, idx, out).view(B, N, C)
         return x, keep
 
-    def _sliced_mlp(self, h, w: _SlicedWeights, groups: tuple[int, ...]):
-        """The MLP on the active groups; with none (2024 release), GELU(0) = 0 leaves fc2's bias."""
+    def sliced_mlp(self, h, w: _SlicedWeights, groups: tuple[int, ...]):
+        """The MLP on the active ``groups`` only (``w``: :meth:`sliced_weights` of this width);
+        with none (2024 release), GELU(0) = 0 leaves fc2's bias."""
         if not groups:
             return self.mlp.fc2.bias.expand(*h.shape[:-1], -1)
         return F.linear(self.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, self.mlp.fc2.bias)
