@@ -39,7 +39,8 @@ def sweep_rows(rows: list[dict] | pd.DataFrame, sweep: str, where: dict | None =
 
 
 def seed_summary(rows: pd.DataFrame, by: str | list[str] = "target_ratio") -> pd.DataFrame:
-    """Per grid point (``by``): the number of runs and each metric's median, min and max over them."""
+    """Per grid point (``by``): the number of runs (and the devices they ran on, where rows
+    have a ``device`` column) and each metric's median, min and max over them."""
     by = [by] if isinstance(by, str) else list(by)
     missing = [c for c in by if c not in rows.columns]
     if missing:
@@ -49,7 +50,15 @@ def seed_summary(rows: pd.DataFrame, by: str | list[str] = "target_ratio") -> pd
     summary = pd.concat({"median": grouped.median(), "min": grouped.min(), "max": grouped.max()}, axis=1)
     summary.columns = [f"{metric}_{stat}" for stat, metric in summary.columns]
     summary.insert(0, "runs", grouped.size())
+    if "device" in rows.columns:  # where the runs trained: GPU and CPU runs of one recipe differ in rounding only
+        summary.insert(1, "devices", rows.groupby(by, sort=True)["device"].agg(_device_counts))
     return summary.reset_index()
+
+
+def _device_counts(devices: pd.Series) -> str:
+    """``"cpu 1, cuda 2"``: how many runs of a grid point ran on each device."""
+    counts = devices.fillna("").replace("", "unknown").value_counts().sort_index()
+    return ", ".join(f"{device} {n}" for device, n in counts.items())
 
 
 def recipe_targets(rows: pd.DataFrame, parent_fd: float, target_ratio: float | None = None) -> dict:

@@ -46,6 +46,13 @@ def test_seed_summary_gives_median_and_range_per_lambda():
         seed_summary(sweep_rows(sweep_table(), "s"), by="routers")
 
 
+def test_seed_summary_counts_the_devices_runs_trained_on():
+    table = [{**row, "device": "cuda" if row["name"].endswith("seed=2") else "cpu"} for row in sweep_table()]
+    summary = seed_summary(sweep_rows(table, "s")).set_index("target_ratio")
+    assert summary.loc[0.5, "devices"] == "cpu 2, cuda 1"
+    assert "devices" not in seed_summary(sweep_rows(sweep_table(), "s")).columns
+
+
 def test_recipe_targets_judge_median_worst_and_fractions():
     rows = sweep_rows(sweep_table(), "s")
     half = rows[rows["target_ratio"] == 0.5]
