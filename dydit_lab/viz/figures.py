@@ -188,8 +188,12 @@ def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
     if not rows:
         raise FileNotFoundError(f"no benchmark results in {bench_dir}: run python -m dydit_lab bench")
     keep = ["arch", "device", "batch_size", "target_ratio", "flops_ratio", "static_seconds",
-            "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup", "num_threads", "runs"]
+            "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup", "efficiency", "num_threads", "runs",
+            "efficiency_runs"]  # efficiency: speed-up / ideal; efficiency_runs: each of --runs N separate runs
     df = pd.DataFrame(rows)
+    if "efficiency_runs" in df.columns:  # a CSV stores the list as text; show it as numbers
+        df["efficiency_runs"] = [tuple(round(e, 3) for e in (json.loads(v) if isinstance(v, str) else v))
+                                 if isinstance(v, (str, list)) else None for v in df["efficiency_runs"]]
     return df[[c for c in keep if c in df.columns]]
 
 

@@ -27,6 +27,12 @@ def test_speedup_figure_reads_json_and_csv(tmp_path):
     pd.DataFrame([_bench_row(0.7, 1.3, b) for b in (1, 2, 4)]).to_csv(tmp_path / "sweep.csv", index=False)
     fig, table = figures.speedup_figure(figures.load_bench(tmp_path))
     assert len(table) == 4 and len(fig.axes) == 2
+    assert "efficiency" not in table.columns  # only the columns the runs have
+    (tmp_path / "b.json").write_text(json.dumps({**_bench_row(0.5, 1.8), "efficiency": 0.9,
+                                                 "efficiency_runs": "[0.9, 0.88, 0.93]", "runs": 3}))
+    table = figures.load_bench(tmp_path)
+    assert {"efficiency", "efficiency_runs", "runs"} <= set(table.columns)
+    assert table["efficiency_runs"].dropna().tolist() == [(0.9, 0.88, 0.93)]
     assert fig.axes[0].get_xlabel().startswith("FLOPs fraction")
     with pytest.raises(FileNotFoundError, match="bench"):
         figures.load_bench(tmp_path / "empty")
