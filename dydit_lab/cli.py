@@ -12,7 +12,7 @@ import sys
 
 from .analysis.commands import add_commands as add_analysis_commands
 from .bench.checkpoint import checkpoint_sweep
-from .bench.profile import describe_profile, run_profile
+from .bench.profile import describe_profile, profile_checkpoint, run_profile
 from .bench.run import median_of_runs, parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
 from .caching.commands import add_commands as add_caching_commands
 from .checkpoints import export_checkpoint, load_model
@@ -146,9 +146,14 @@ def cmd_bench(args):
     if bool(args.arch) == bool(args.checkpoint):
         raise ValueError("give --arch (random weights, routers set to --target-ratio) or --checkpoint "
                          "(a trained DyDiT on its own sampling run), not both")
-    if args.checkpoint:
-        if args.profile:
-            raise ValueError("--profile times --arch models; profile a checkpoint with dydit_lab.bench.profile")
+    if args.checkpoint and args.profile:
+        if args.runs != 1 or args.sweep_batch:
+            raise ValueError("--profile is one pass at one --batch-size; --runs and --sweep-batch are for timing")
+        result = profile_checkpoint(load_model(args.checkpoint, device=resolve_device(args.device)),
+                                    batch_size=args.batch_size, steps=args.steps, seed=args.seed, device=args.device,
+                                    threads=args.threads, name=os.path.splitext(os.path.basename(args.checkpoint))[0])
+        print(describe_profile(result))
+    elif args.checkpoint:
         batches = parse_batch_list(args.sweep_batch or str(args.batch_size))
         rows = measured(lambda: checkpoint_sweep(args.checkpoint, batches, steps=args.steps, repeats=args.repeats,
                                                  device=args.device, threads=args.threads, progress=not args.quiet))

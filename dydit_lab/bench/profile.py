@@ -4,6 +4,7 @@ token gather/scatter, norms and elementwise, the rest), so the gap between the m
 ideal speed-up can be attributed.
 
 ``python -m dydit_lab bench --arch DiT-XL/2 --batch-size 8 --profile``
+``python -m dydit_lab bench --checkpoint data/checkpoints/DyDiT-lab-L-0.5.pt --batch-size 100 --steps 50 --profile``
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..analysis.routing import trace_sampling
 from ..models.dit import DiT
-from ..models.dydit import DyDiT
+from ..models.dydit import CompleteModel, DyDiT
 from ..paths import resolve_device
-from .setup import prepare_bench
+from .checkpoint import trace_inputs
+from .setup import prepare_bench, set_threads
 from .workload import BenchInputs
 
 # Category of an op by its name (first match wins); anything else is "other".
@@ -81,10 +84,32 @@ def run_profile(arch: str, input_size: int = 32, target_ratio: float = 0.5, batc
             "num_threads": torch.get_num_threads(), "device": str(bench.device), **result}
 
 
+def profile_checkpoint(model: DyDiT, batch_size: int = 4, steps: int = 20, seed: int = 0, device="auto",
+                       threads: int | None = None, top: int = 12, name: str | None = None) -> dict:
+    """Profile a trained DyDiT's sliced path against its complete model (every gate on) on the
+    inputs of its own DDIM run (``steps`` steps, ``batch_size`` images, labels 0, 1, ...), the
+    workload :func:`.checkpoint.checkpoint_speedup` times."""
+    if not isinstance(model, DyDiT):
+        raise ValueError(f"a profile needs a DyDiT checkpoint, got a {type(model).__name__}")
+    if batch_size < 1 or steps < 1:
+        raise ValueError(f"batch_size and steps must be positive, got {batch_size}, {steps}")
+    set_threads(threads)
+    device = resolve_device(device)
+    model = model.to(device).eval()
+    labels = torch.arange(batch_size) % model.num_classes
+    trace = trace_sampling(model, labels, steps=steps, seed=seed, device=device, progress=False)
+    result = profile_paths(CompleteModel(model), model, trace_inputs(trace, device), device, top)
+    return {"arch": name or model.arch or "DyDiT", "batch_size": batch_size, "steps": steps,
+            "flops_fraction": trace.mean_flops_fraction, "num_threads": torch.get_num_threads(),
+            "device": str(device), **result}
+
+
 def describe_profile(result: dict) -> str:
     """A few readable lines: self time and category shares of each path, then its top ops."""
+    setting = (f"target {result['target_ratio']}" if "target_ratio" in result
+               else f"FLOPs fraction {result['flops_fraction']:.3f}")  # a checkpoint routes as trained
     lines = [f"{result['arch']}, batch {result['batch_size']}, {result['steps']} steps, "
-             f"target {result['target_ratio']}, {result['num_threads']} thread(s), {result['device']}"]
+             f"{setting}, {result['num_threads']} thread(s), {result['device']}"]
     for path in ("static", "sliced"):
         part = result[path]
         shares = ", ".join(f"{name} {share:.0%}" for name, share in part["categories"].items())

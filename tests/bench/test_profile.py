@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from dydit_lab.bench.profile import category, describe_profile, profile_pass, profile_paths, run_profile
+from dydit_lab.analysis.routing import trace_sampling
+from dydit_lab.bench.profile import (category, describe_profile, profile_checkpoint, profile_pass, profile_paths,
+                                     run_profile)
 from dydit_lab.bench.router_setting import set_routers
 from dydit_lab.cli import main
-from tests.helpers import BENCH_ARCH
+from tests.helpers import BENCH_ARCH, cli_error, random_dydit, tiny_model
 
 
 @pytest.mark.parametrize("op, expected", [
@@ -51,3 +53,26 @@ def test_bench_profile_command_prints_both_paths(capsys):
           "--device", "cpu", "--profile", "--json", "/dev/null"])
     out = capsys.readouterr().out
     assert out.startswith(f"{BENCH_ARCH}, batch 2, 2 steps") and "sliced:" in out
+
+
+def test_a_trained_dydit_is_profiled_on_its_own_sampling_run():
+    model = random_dydit(0)
+    result = profile_checkpoint(model, batch_size=3, steps=3, device="cpu", threads=1, top=4, name="mine")
+    trace = trace_sampling(model, [0, 1, 2], steps=3, progress=False)
+    assert result["flops_fraction"] == pytest.approx(trace.mean_flops_fraction, rel=1e-6)
+    assert result["static"]["self_ms"] > 0 and result["sliced"]["self_ms"] > 0
+    assert describe_profile(result).startswith(f"mine, batch 3, 3 steps, FLOPs fraction {trace.mean_flops_fraction:.3f}")
+    with pytest.raises(ValueError, match="needs a DyDiT"):
+        profile_checkpoint(tiny_model(), steps=2)
+    with pytest.raises(ValueError, match="must be positive"):
+        profile_checkpoint(model, batch_size=0)
+
+
+def test_bench_profiles_a_checkpoint_file(tmp_path, capsys):
+    path = tmp_path / "dydit.pt"
+    torch.save({"ema": random_dydit(0).state_dict(), "args": {"arch": "DiT-lab-T"}}, path)
+    main(["bench", "--checkpoint", str(path), "--batch-size", "2", "--steps", "2", "--threads", "1",
+          "--device", "cpu", "--profile"])
+    out = capsys.readouterr().out
+    assert out.startswith("dydit, batch 2, 2 steps, FLOPs fraction") and "sliced:" in out
+    assert "one pass" in cli_error(capsys, ["bench", "--checkpoint", str(path), "--sweep-batch", "1,2", "--profile"])
