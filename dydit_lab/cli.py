@@ -146,12 +146,16 @@ def cmd_bench(args):
     if bool(args.arch) == bool(args.checkpoint):
         raise ValueError("give --arch (random weights, routers set to --target-ratio) or --checkpoint "
                          "(a trained DyDiT on its own sampling run), not both")
-    if args.checkpoint and args.profile:
+    if args.profile:
         if args.runs != 1 or args.sweep_batch:
             raise ValueError("--profile is one pass at one --batch-size; --runs and --sweep-batch are for timing")
-        result = profile_checkpoint(load_model(args.checkpoint, device=resolve_device(args.device)),
-                                    batch_size=args.batch_size, steps=args.steps, seed=args.seed, device=args.device,
-                                    threads=args.threads, name=os.path.splitext(os.path.basename(args.checkpoint))[0])
+        result = (profile_checkpoint(load_model(args.checkpoint, device=resolve_device(args.device)),
+                                     batch_size=args.batch_size, steps=args.steps, seed=args.seed, device=args.device,
+                                     threads=args.threads, name=os.path.splitext(os.path.basename(args.checkpoint))[0])
+                  if args.checkpoint else
+                  run_profile(args.arch, input_size=args.input_size, target_ratio=args.target_ratio,
+                              batch_size=args.batch_size, steps=args.steps, device=args.device, seed=args.seed,
+                              threads=args.threads))
         print(describe_profile(result))
     elif args.checkpoint:
         batches = parse_batch_list(args.sweep_batch or str(args.batch_size))
@@ -164,13 +168,6 @@ def cmd_bench(args):
         else:
             result = rows[0]
             print(json.dumps(result, indent=1))
-    elif args.profile:
-        if args.runs != 1:
-            raise ValueError("--profile is one pass; --runs is for timing")
-        result = run_profile(args.arch, input_size=args.input_size, target_ratio=args.target_ratio,
-                             batch_size=args.batch_size, steps=args.steps, device=args.device, seed=args.seed,
-                             threads=args.threads)
-        print(describe_profile(result))
     elif args.sweep_batch:
         batches = parse_batch_list(args.sweep_batch)
         rows = measured(lambda: run_sweep(args.arch, batches, **common))
