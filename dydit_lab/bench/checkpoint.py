@@ -34,6 +34,22 @@ def trace_inputs(trace: RoutingTrace, device="cpu") -> BenchInputs:
                        y=trace.labels.to(device))
 
 
+def own_run(model: DyDiT, batch_size: int, steps: int, seed: int = 0, device="auto", threads: int | None = None,
+            purpose: str = "this") -> tuple[DyDiT, torch.device, RoutingTrace]:
+    """The model on ``device`` in eval mode and its recorded DDIM run of ``steps`` steps
+    (``batch_size`` images, labels 0, 1, ..., no guidance): the workload that is timed or
+    profiled. ``threads``: torch's intra-op thread count (default: leave it)."""
+    if not isinstance(model, DyDiT):
+        raise ValueError(f"{purpose} needs a DyDiT checkpoint, got a {type(model).__name__}")
+    if batch_size < 1 or steps < 1:
+        raise ValueError(f"batch_size and steps must be positive, got {batch_size}, {steps}")
+    set_threads(threads)
+    device = resolve_device(device)
+    model = model.to(device).eval()
+    labels = torch.arange(batch_size) % model.num_classes
+    return model, device, trace_sampling(model, labels, steps=steps, seed=seed, device=device, progress=False)
+
+
 def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repeats: int = 3,
                        seed: int = 0, device="auto", name: str | None = None, threads: int | None = None) -> dict:
     """Seconds per sampling step of ``model`` (sliced and masked) and of its complete model,
@@ -41,15 +57,9 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
     images, no guidance); speed-ups, the FLOPs fraction of the timed routing, what ran where
     and how far the sliced outputs are from the masked ones. ``threads``: torch's intra-op
     thread count (default: leave it)."""
-    if not isinstance(model, DyDiT):
-        raise ValueError(f"a speed-up needs a DyDiT checkpoint, got a {type(model).__name__}")
-    if batch_size < 1 or steps < 1 or repeats < 1:
-        raise ValueError(f"batch_size, steps and repeats must be positive, got {batch_size}, {steps}, {repeats}")
-    set_threads(threads)
-    device = resolve_device(device)
-    model = model.to(device).eval()
-    labels = torch.arange(batch_size) % model.num_classes
-    trace = trace_sampling(model, labels, steps=steps, seed=seed, device=device, progress=False)
+    if repeats < 1:
+        raise ValueError(f"repeats must be positive, got {repeats}")
+    model, device, trace = own_run(model, batch_size, steps, seed, device, threads, purpose="a speed-up")
     timing = time_paths(CompleteModel(model), model, trace_inputs(trace, device), repeats, device)
     routings = [routing for _, routing in timing["outputs"]["sliced"]]
     agreement = sliced_vs_masked(timing["outputs"])

@@ -12,12 +12,11 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ..analysis.routing import trace_sampling
 from ..models.dit import DiT
 from ..models.dydit import CompleteModel, DyDiT
 from ..paths import resolve_device
-from .checkpoint import trace_inputs
-from .setup import prepare_bench, set_threads
+from .checkpoint import own_run, trace_inputs
+from .setup import prepare_bench
 from .workload import BenchInputs
 
 # Category of an op by its name (first match wins); anything else is "other".
@@ -89,15 +88,7 @@ def profile_checkpoint(model: DyDiT, batch_size: int = 4, steps: int = 20, seed:
     """Profile a trained DyDiT's sliced path against its complete model (every gate on) on the
     inputs of its own DDIM run (``steps`` steps, ``batch_size`` images, labels 0, 1, ...), the
     workload :func:`.checkpoint.checkpoint_speedup` times."""
-    if not isinstance(model, DyDiT):
-        raise ValueError(f"a profile needs a DyDiT checkpoint, got a {type(model).__name__}")
-    if batch_size < 1 or steps < 1:
-        raise ValueError(f"batch_size and steps must be positive, got {batch_size}, {steps}")
-    set_threads(threads)
-    device = resolve_device(device)
-    model = model.to(device).eval()
-    labels = torch.arange(batch_size) % model.num_classes
-    trace = trace_sampling(model, labels, steps=steps, seed=seed, device=device, progress=False)
+    model, device, trace = own_run(model, batch_size, steps, seed, device, threads, purpose="a profile")
     result = profile_paths(CompleteModel(model), model, trace_inputs(trace, device), device, top)
     return {"arch": name or model.arch or "DyDiT", "batch_size": batch_size, "steps": steps,
             "flops_fraction": trace.mean_flops_fraction, "num_threads": torch.get_num_threads(),
