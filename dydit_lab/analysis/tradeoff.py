@@ -46,12 +46,13 @@ def seed_summary(rows: pd.DataFrame, by: str | list[str] = "target_ratio") -> pd
     if missing:
         raise ValueError(f"rows have no column(s) {missing} to group by")
     metrics = [m for m in METRICS if m in rows.columns]
-    grouped = rows.groupby(by, sort=True)[metrics]
+    groups = rows.groupby(by, sort=True)
+    grouped = groups[metrics]
     summary = pd.concat({"median": grouped.median(), "min": grouped.min(), "max": grouped.max()}, axis=1)
     summary.columns = [f"{metric}_{stat}" for stat, metric in summary.columns]
     summary.insert(0, "runs", grouped.size())
     if "device" in rows.columns:  # where the runs trained: GPU and CPU runs of one recipe differ in rounding only
-        summary.insert(1, "devices", rows.groupby(by, sort=True)["device"].agg(_device_counts))
+        summary.insert(1, "devices", groups["device"].agg(_device_counts))
     return summary.reset_index()
 
 
