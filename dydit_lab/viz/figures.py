@@ -25,7 +25,7 @@ from ..caching.drift import caching_drift
 from ..evaluation.strategies import CACHING, select, strategy_table
 from ..models.flops import analytic_flops, num_tokens, schedule_flops
 from ..models.configs import get_config
-from ..paths import BENCH_DIR, CHECKPOINT_DIR, FIGURES_DIR, RESULTS_CSV
+from ..paths import BENCH_DIR, CHECKPOINT_DIR, DATA_DIR, FIGURES_DIR, RESULTS_CSV
 from .caching_plots import plot_caching_drift
 from .gap_plots import plot_gap_panels
 from .plots import (plot_loss_maps, plot_quality_vs_flops, plot_sample_grid, plot_speedup_vs_batch,
@@ -33,6 +33,7 @@ from .plots import (plot_loss_maps, plot_quality_vs_flops, plot_sample_grid, plo
 from .routing_plots import (plot_flops_per_step, plot_token_keep, plot_token_map, plot_width_curves,
                             plot_width_heatmap)
 LAB_MODELS = ("DiT-lab-S", "DiT-lab-L")
+PARENT_SEEDS = (0, 1)  # training seeds of each parent in data/parents/ (parents-S.toml, parents-L.toml)
 REGENERATE = {
     "DiT-lab-S": "python -m dydit_lab train --arch DiT-lab-S --out runs/lab-S --steps 12000 "
                  "--batch-size 128, then python -m dydit_lab export (see README)",
@@ -85,9 +86,10 @@ def loss_gap_figure(checkpoints: Mapping[str, Sequence] | None = None, timesteps
     per size, the between-seed range; returns (Figure, summary per quarter of the timesteps).
 
     ``checkpoints``: size name -> checkpoint paths, one per training seed, small size first
-    (default: the committed DiT-lab-S and DiT-lab-L, one run each). Notebook 01 makes the same
-    calls one by one."""
-    checkpoints = checkpoints or {name: [checkpoint_path(name)] for name in LAB_MODELS}
+    (default: both training seeds of each parent in ``data/parents/``). Notebook 01 makes the
+    same calls one by one."""
+    checkpoints = checkpoints or {name: [DATA_DIR / "parents" / f"{name}-seed{seed}.pt" for seed in PARENT_SEEDS]
+                                  for name in LAB_MODELS}
     small, large = checkpoints
     images, labels = mnist_split("val").tensors
     losses = per_run_loss(checkpoints, images, labels, timesteps=timesteps, samples_per_t=samples_per_t,
