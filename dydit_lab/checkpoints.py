@@ -18,7 +18,7 @@ import torch
 from .models.configs import DIT_CONFIGS, get_config
 from .models.dit import DiT
 from .models.dydit import DyDiT, is_router_key
-from .models.flexidit import FLEX_PREFIX, FlexiDiT, flex_patches_in
+from .models.flexidit import FLEX_PREFIX, FlexiDiT, flex_patches_in, lora_rank_in
 from .models.routers import set_router_release
 
 
@@ -242,8 +242,8 @@ def load_flexidit(path_or_obj, arch: str | None = None, device: str | torch.devi
     """Load a FlexiDiT checkpoint (path, or an already read checkpoint / state dict), eval mode.
 
     The native part is built exactly as :func:`load_model` builds a DiT (recorded arch and
-    config, options read off the weights; ``options`` as there); the extra patch sizes are
-    read off the ``flex_*`` keys. EMA weights are preferred.
+    config, options read off the weights; ``options`` as there); the extra patch sizes and the
+    adapter rank are read off the ``flex_*`` keys. EMA weights are preferred.
     """
     obj = path_or_obj if isinstance(path_or_obj, dict) else read_checkpoint(path_or_obj)
     state, args = split_checkpoint(obj)
@@ -253,7 +253,8 @@ def load_flexidit(path_or_obj, arch: str | None = None, device: str | torch.devi
     native = {k: v for k, v in state.items() if not k.startswith(FLEX_PREFIX)}
     dit = load_model({"ema": native, "args": args}, arch=arch, **options)
     model = FlexiDiT(dit.config, arch=dit.arch, coarse_patches=patches,
-                     resize=args.get("resize", "bilinear"), pos=args.get("pos", "center"))
+                     resize=args.get("resize", "bilinear"), pos=args.get("pos", "center"),
+                     lora_rank=lora_rank_in(state))
     check_state_dict(model, state, dit.arch)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.to(device).eval()

@@ -1,24 +1,28 @@
 """FlexiDiT (Anagnostidis et al., CVPR 2025): one DiT, several patch sizes.
 
 Every transformer weight is shared; each extra patch size q gets its own patch embedding
-(PI-resized from the native one), final linear, fixed position table and a learned size token.
+(PI-resized from the native one), final linear, fixed position table and a learned size token,
+and optionally low-rank adapters on every block's attention and MLP linears that only the
+coarse path uses (the paper's LoRA variant, Sec. 3.2: the native path stays the parent's).
 Sampling runs the coarse patch in the first, noisiest steps (:class:`PatchSchedule`). How this
 follows the paper, point by point, is in notebook 05.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from . import flops
 from ..diffusion import NUM_TIMESTEPS, guide_doubled_output, space_timesteps
 from .configs import DiTConfig, coarse_patch_sizes
-from .dit import DiT, ModelWrapper, PatchEmbed, _1d_sincos, get_2d_sincos_pos_embed, modulate
+from .dit import DiT, DiTBlock, ModelWrapper, PatchEmbed, _1d_sincos, get_2d_sincos_pos_embed, modulate
 
 FLEX_PREFIX = "flex_"
 RESIZE_MODES = ("bilinear", "nearest")
@@ -104,6 +108,51 @@ def coarse_pos_embed(embed_dim: int, input_size: int, native_patch: int, patch: 
 
 
 # ---------------------------------------------------------------------------
+# Coarse-only low-rank adapters (the paper's LoRA variant, Sec. 3.2)
+# ---------------------------------------------------------------------------
+
+# Adapter name -> the block's linear it updates (self-attention and MLP, as in the paper).
+LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+class LowRankDelta(nn.Module):
+    """A rank-r update ``B @ A`` of one linear's ``(out, in)`` weight. ``B`` starts at zero,
+    so a fresh adapter changes nothing; ``A`` starts ~N(0, 1/in) so that ``A x`` keeps the
+    scale of x and B's first steps already move the output."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self) -> torch.Tensor:
+        return self.B @ self.A
+
+
+class BlockAdapter(nn.Module):
+    """The low-rank updates of one block's four linears (:data:`LORA_TARGETS`)."""
+
+    def __init__(self, block: DiTBlock, rank: int):
+        super().__init__()
+        self.deltas = nn.ModuleDict({
+            name: LowRankDelta(block.get_submodule(path).in_features, block.get_submodule(path).out_features, rank)
+            for name, path in LORA_TARGETS.items()})
+
+    def merged_weights(self, block: DiTBlock) -> dict[str, torch.Tensor]:
+        """``{"attn.qkv.weight": W + B A, ...}``: the block's weights at this adapter's patch."""
+        return {f"{path}.weight": block.get_submodule(path).weight + self.deltas[name]()
+                for name, path in LORA_TARGETS.items()}
+
+
+def lora_rank_in(state: dict) -> int:
+    """The adapter rank a FlexiDiT state dict carries (0: no adapters)."""
+    for k, v in state.items():
+        if k.startswith("flex_lora.") and k.endswith(".A"):
+            return int(v.shape[0])
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------
 
@@ -114,14 +163,17 @@ class FlexiDiT(DiT):
     ``forward(x, t, y, patch_size=None)`` returns ``(N, out_channels, H, W)`` at any of
     :attr:`patch_sizes`; ``None`` (or the native size) runs the parent DiT's code unchanged.
     Extra parameters: ``flex_embedders.<q>.proj`` (conv), ``flex_final.<q>`` (linear), the
-    learned patch-size token ``flex_size_embed.<q>`` and the fixed ``flex_pos_embed.<q>``.
+    learned patch-size token ``flex_size_embed.<q>`` and the fixed ``flex_pos_embed.<q>``;
+    with ``lora_rank`` r > 0 also ``flex_lora.<q>.<block>``: rank-r updates of every block's
+    attention and MLP weights, applied at patch q only (merged into the weights once per
+    weight change, so a coarse step costs the same FLOPs with or without them).
     A freshly built model initialises them from its own
     (random) native layers; :meth:`from_dit` does so from a trained DiT.
     """
 
     def __init__(self, config: DiTConfig, arch: str | None = None,
                  coarse_patches: int | Iterable[int] | None = None,
-                 resize: str = "bilinear", pos: str = "center"):
+                 resize: str = "bilinear", pos: str = "center", lora_rank: int = 0):
         super().__init__(config, arch=arch)
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
@@ -141,6 +193,14 @@ class FlexiDiT(DiT):
         # size they see (the paper's Sec. 3.1); zero at init, so flexifying changes nothing.
         self.flex_size_embed = nn.ParameterDict({
             str(q): nn.Parameter(torch.zeros(1, 1, D)) for q in self.coarse_patches})
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+        self.lora_rank = int(lora_rank)
+        if self.lora_rank:
+            self.flex_lora = nn.ModuleDict({
+                str(q): nn.ModuleList(BlockAdapter(block, self.lora_rank) for block in self.blocks)
+                for q in self.coarse_patches})
+        self._merged: dict[int, tuple[tuple, list[dict]]] = {}  # patch -> (weight versions, merged weights)
         self.init_flex_layers()
 
     @property
@@ -149,16 +209,17 @@ class FlexiDiT(DiT):
 
     @classmethod
     def from_dit(cls, dit: DiT, coarse_patch: int | Iterable[int] | None = None,
-                 resize: str = "bilinear", pos: str = "center") -> "FlexiDiT":
+                 resize: str = "bilinear", pos: str = "center", lora_rank: int = 0) -> "FlexiDiT":
         """Flexify a trained DiT: its weights copied, new layers PI-resized from its own.
 
-        ``coarse_patch``: one size or several (default 2 x native). The native path of the
-        result equals ``dit`` exactly.
+        ``coarse_patch``: one size or several (default 2 x native); ``lora_rank``: coarse-only
+        adapters (0: none). The native path of the result equals ``dit`` exactly.
         """
         if type(dit) is not DiT and not isinstance(dit, FlexiDiT):
             raise TypeError(f"from_dit needs a static DiT, got {type(dit).__name__}")
         param = next(dit.parameters())
-        model = cls(dit.config, arch=dit.arch, coarse_patches=coarse_patch, resize=resize, pos=pos)
+        model = cls(dit.config, arch=dit.arch, coarse_patches=coarse_patch, resize=resize, pos=pos,
+                    lora_rank=lora_rank)
         native = {k: v for k, v in dit.state_dict().items() if not k.startswith(FLEX_PREFIX)}
         missing, unexpected = model.load_state_dict(native, strict=False)
         if unexpected or any(not k.startswith(FLEX_PREFIX) for k in missing):
@@ -181,10 +242,14 @@ class FlexiDiT(DiT):
             table = coarse_pos_embed(self.config.hidden_size, self.config.input_size, p, q, self.pos)
             self.flex_pos_embed[str(q)].copy_(torch.from_numpy(table).float().unsqueeze(0))
             self.flex_size_embed[str(q)].zero_()
+            if self.lora_rank:
+                for adapter in self.flex_lora[str(q)]:
+                    for delta in adapter.deltas.values():
+                        delta.B.zero_()
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters the parent DiT does not have (embedders, final linears,
-        patch-size tokens)."""
+        patch-size tokens, adapters)."""
         return [p for n, p in self.named_parameters() if n.startswith(FLEX_PREFIX) and p.requires_grad]
 
     def _resolve_patch(self, patch_size: int | None) -> int:
@@ -228,9 +293,29 @@ class FlexiDiT(DiT):
         if q == self.patch_size:
             return super().forward(x, t, y)
         tokens, c, _ = self.embed_at(x, t, y, q)
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        weights = self.coarse_block_weights(q)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, c) if weights is None else functional_call(block, weights[i], (tokens, c))
         return self.unpatchify_at(self.final_at(tokens, c, q), q)
+
+    def coarse_block_weights(self, patch_size: int) -> list[dict[str, torch.Tensor]] | None:
+        """Per block, the adapted weights at ``patch_size`` (None without adapters).
+
+        Without autograd the merge is cached until a weight changes (in place or moved), so
+        sampling merges once, not once per step."""
+        if not self.lora_rank:
+            return None
+        adapters = self.flex_lora[str(patch_size)]
+        if torch.is_grad_enabled():
+            return [a.merged_weights(b) for a, b in zip(adapters, self.blocks)]
+        tensors = [*adapters.parameters(), *(b.get_submodule(path).weight
+                                             for b in self.blocks for path in LORA_TARGETS.values())]
+        key = tuple((p.data_ptr(), p._version) for p in tensors)
+        cached = self._merged.get(patch_size)
+        if cached is None or cached[0] != key:
+            cached = (key, [a.merged_weights(b) for a, b in zip(adapters, self.blocks)])
+            self._merged[patch_size] = cached
+        return cached[1]
 
     def forward_with_cfg(self, x, t, y, cfg_scale: float, patch_size: int | None = None):
         """:meth:`DiT.forward_with_cfg` at ``patch_size``."""

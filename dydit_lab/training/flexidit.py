@@ -2,8 +2,9 @@
 
 Each step draws one patch size for the batch (coarse with probability ``p_coarse``), then
 timesteps, noise and the min-SNR-weighted eps loss as in pre-training; the parent's weights
-train at ``lr``, the new layers at ``new_lr``. An optional L2 term pulls coarse predictions
-towards the frozen parent's native ones (the paper's distillation, Sec. 3.2).
+train at ``lr``, the new layers (with ``lora_rank`` > 0 also coarse-only adapters) at ``new_lr``;
+``train="new"`` freezes the transformer. An optional L2 term pulls coarse predictions towards
+the frozen parent's native ones (the paper's distillation, Sec. 3.2).
 
 ``python -m dydit_lab flexi-finetune --parent data/checkpoints/DiT-lab-L.pt --out runs/flexi-L``
 """
@@ -36,6 +37,7 @@ class FlexiFinetuneConfig(LoopConfig):
     lr: float = 1e-4  # shared (parent) weights
     new_lr: float = 1e-3  # the new embedding / de-embedding layers start from a resize
     train: str = "all"  # all: every weight; new: only the new layers (transformer frozen, every batch coarse)
+    lora_rank: int = 0  # > 0: coarse-only adapters on every block's attention + MLP (new layers, at new_lr)
     resize: str = "bilinear"  # PI-resize operator: bilinear (FlexiViT) or nearest
     pos: str = "center"  # coarse positions: center (sin-cos at patch centres) or grid
     uniform_timesteps: bool = False  # default: stratified over four equal bands
@@ -52,6 +54,8 @@ def check_flexi_config(cfg: FlexiFinetuneConfig) -> None:
         raise ValueError(f"train must be 'all' or 'new', got {cfg.train!r}")
     if not 0 <= cfg.coarse_t_min < NUM_TIMESTEPS:
         raise ValueError(f"coarse_t_min must lie in [0, {NUM_TIMESTEPS}), got {cfg.coarse_t_min}")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0, got {cfg.lora_rank}")
     if cfg.distill_weight < 0:
         raise ValueError(f"distill_weight must be >= 0, got {cfg.distill_weight}")
 
@@ -72,8 +76,12 @@ class FlexiObjective(Objective):
         parent = load_parent(self.cfg.parent)
         if self.cfg.distill_weight > 0:
             self.teacher = copy.deepcopy(parent).requires_grad_(False).eval().to(device)
+        if isinstance(parent, FlexiDiT) and parent.lora_rank != self.cfg.lora_rank:
+            raise ValueError(f"--parent is a FlexiDiT with adapters of rank {parent.lora_rank}, "
+                             f"but lora_rank is {self.cfg.lora_rank}")
         model = parent if isinstance(parent, FlexiDiT) else FlexiDiT.from_dit(
-            parent, coarse_patch=self.cfg.coarse_patch or None, resize=self.cfg.resize, pos=self.cfg.pos)
+            parent, coarse_patch=self.cfg.coarse_patch or None, resize=self.cfg.resize, pos=self.cfg.pos,
+            lora_rank=self.cfg.lora_rank)
         self.model = model.to(device)
         self.q = model.coarse_patches[0] if not self.cfg.coarse_patch else model._resolve_patch(self.cfg.coarse_patch)
         self.name = f"flexi-finetune p={model.patch_size}/{self.q}"
@@ -114,7 +122,8 @@ class FlexiObjective(Objective):
         return StepResult(loss, {"loss": diff.item(), "patch": patch, "distill": distill.item()})
 
     def checkpoint_extra(self, model):
-        return {"coarse_patches": list(model.coarse_patches), "resize": model.resize, "pos": model.pos}
+        return {"coarse_patches": list(model.coarse_patches), "resize": model.resize, "pos": model.pos,
+                "lora_rank": model.lora_rank}
 
 
 def flexi_finetune(cfg: FlexiFinetuneConfig) -> Path:

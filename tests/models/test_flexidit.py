@@ -12,7 +12,7 @@ from dydit_lab.models.configs import get_config
 from dydit_lab.models.dit import DiT, get_2d_sincos_pos_embed
 from dydit_lab.models.dydit import DyDiT
 from dydit_lab.models.flexidit import (FlexiDiT, PatchSchedule, coarse_pos_embed, flex_patches_in,
-                                       pi_resize_kernel, resize_matrix, resize_output_linear,
+                                       lora_rank_in, pi_resize_kernel, resize_matrix, resize_output_linear,
                                        scheduled_model, sincos_pos_embed_at)
 from tests.helpers import inputs as _inputs
 
@@ -71,6 +71,49 @@ def test_constructor_validates_patches(tiny):
     dydit = DyDiT.from_dit(tiny)
     with pytest.raises(TypeError):
         FlexiDiT.from_dit(dydit)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small_sigma"])
+def test_coarse_adapters_leave_the_native_path_and_start_as_no_op(name, request):
+    dit = request.getfixturevalue(name)
+    plain, adapted = FlexiDiT.from_dit(dit).eval(), FlexiDiT.from_dit(dit, lora_rank=3).eval()
+    q = 2 * dit.patch_size
+    x, t, y = _inputs(dit)
+    with torch.no_grad():
+        assert torch.equal(adapted(x, t, y), dit(x, t, y))
+        assert torch.equal(adapted(x, t, y, patch_size=q), plain(x, t, y, patch_size=q))  # B = 0 at init
+    extra = set(adapted.state_dict()) - set(plain.state_dict())
+    assert extra == {f"flex_lora.{q}.{i}.deltas.{n}.{ab}" for i in range(dit.config.depth)
+                     for n in ("qkv", "proj", "fc1", "fc2") for ab in "AB"}
+    assert adapted.flex_lora[str(q)][0].deltas["fc1"].A.shape == (3, dit.config.hidden_size)
+    assert lora_rank_in(adapted.state_dict()) == 3 and lora_rank_in(plain.state_dict()) == 0
+    assert {id(p) for p in adapted.flex_lora.parameters()} <= {id(p) for p in adapted.new_parameters()}
+    with pytest.raises(ValueError, match="lora_rank"):
+        FlexiDiT(dit.config, lora_rank=-1)
+
+
+def test_coarse_adapters_change_the_coarse_path_with_and_without_autograd(tiny):
+    flexi = FlexiDiT.from_dit(tiny, lora_rank=2).eval()
+    before = FlexiDiT.from_dit(tiny).eval()
+    x, t, y = _inputs(tiny)
+    with torch.no_grad():
+        first = flexi(x, t, y, patch_size=16)  # merges and caches
+        for delta in flexi.flex_lora["16"][1].deltas.values():
+            delta.B.normal_(0, 0.1)  # an in-place change must invalidate the cached merge
+        changed = flexi(x, t, y, patch_size=16)
+        assert torch.equal(first, before(x, t, y, patch_size=16))
+        assert not torch.allclose(changed, first)
+        assert torch.equal(flexi(x, t, y), tiny(x, t, y))
+        # The adapted coarse path is the plain coarse path with W + B A in block 1.
+        adapter, block = flexi.flex_lora["16"][1], before.blocks[1]
+        for name, path in (("qkv", "attn.qkv"), ("proj", "attn.proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
+            block.get_submodule(path).weight += adapter.deltas[name]()
+        assert torch.allclose(before(x, t, y, patch_size=16), changed, atol=1e-6)
+    with_grad = flexi(x, t, y, patch_size=16)
+    assert torch.allclose(with_grad, changed, atol=1e-6)
+    with_grad.square().mean().backward()
+    assert flexi.flex_lora["16"][1].deltas["qkv"].B.grad.abs().sum() > 0
+    assert flexi.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # the shared weight is in the graph too
 
 
 # ---------------------------------------------------------------------------

@@ -90,3 +90,24 @@ def test_flexi_finetune_new_layers_only_trains_coarse_batches_only(parent, tmp_p
                               p_coarse=0.5, train="new", device="cpu")
     flexi_finetune(cfg)
     assert [r["patch"] for r in _rows(tmp_path / "new" / "log.csv")] == ["16"] * 4
+
+
+def test_flexi_finetune_coarse_adapters_with_a_frozen_transformer(parent, tmp_path):
+    cfg = FlexiFinetuneConfig(parent=str(parent), out=str(tmp_path / "lora"), steps=3, batch_size=4,
+                              train="new", lora_rank=2, device="cpu")
+    path = flexi_finetune(cfg)
+    ckpt = torch.load(path, weights_only=True)
+    before = torch.load(parent, weights_only=True)["model"]
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in before.items())  # transformer frozen
+    assert ckpt["args"]["lora_rank"] == 2 and ckpt["model"]["flex_lora.16.0.deltas.qkv.B"].abs().sum() > 0
+    model = load_flexidit({"model": ckpt["model"], "args": ckpt["args"]})  # the online weights
+    assert model.lora_rank == 2 and load_flexidit(path).lora_rank == 2
+    x, t, y = _inputs(model)
+    native = dydit_lab.load_model(parent).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), native(x, t, y))
+        assert torch.isfinite(model(x, t, y, patch_size=16)).all()
+    flexi_finetune(FlexiFinetuneConfig(**{**cfg.__dict__, "steps": 4, "resume": True}))
+    assert torch.load(path, weights_only=True)["step"] == 4
+    with pytest.raises(ValueError, match="lora_rank"):
+        check_flexi_config(FlexiFinetuneConfig(lora_rank=-1))
