@@ -137,7 +137,10 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if p.requires_grad:
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        else:  # a frozen weight stays bit-exact (decay * p + (1 - decay) * p need not round to p)
+            e.copy_(p.detach())
 
 
 def optimizer_step(result: StepResult, params, opt, grad_clip: float, world: int = 1) -> None:

@@ -106,6 +106,7 @@ def test_flexi_finetune_coarse_adapters_with_a_frozen_transformer(parent, tmp_pa
     native = dydit_lab.load_model(parent).eval()
     with torch.no_grad():
         assert torch.equal(model(x, t, y), native(x, t, y))
+        assert torch.equal(load_flexidit(path)(x, t, y), native(x, t, y))  # the EMA of a frozen weight too
         assert torch.isfinite(model(x, t, y, patch_size=16)).all()
     flexi_finetune(FlexiFinetuneConfig(**{**cfg.__dict__, "steps": 4, "resume": True}))
     assert torch.load(path, weights_only=True)["step"] == 4

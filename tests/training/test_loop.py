@@ -41,6 +41,11 @@ def test_optimizer_step_clips_and_ema_follows():
     before = ema.weight.detach().clone()
     update_ema(ema, model, 0.9)
     assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight.detach())
+    frozen, copy = torch.nn.Linear(3, 3).requires_grad_(False), torch.nn.Linear(3, 3)
+    copy.load_state_dict(frozen.state_dict())
+    for _ in range(50):
+        update_ema(copy, frozen, 0.9995)
+    assert torch.equal(copy.weight, frozen.weight)  # a frozen weight's EMA is the weight, bit for bit
 
 
 def test_stratified_timesteps_cover_each_quarter():
