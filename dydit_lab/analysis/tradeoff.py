@@ -116,3 +116,33 @@ def control_summaries(controls: dict[str, pd.DataFrame]) -> dict[str, pd.DataFra
                 label = f"{name.rsplit(', ', 1)[0]}, {key} {value}"  # "X, lr sweep" -> "X, lr 1e-05"
             summaries[label] = seed_summary(part.assign(target_ratio=0), by="target_ratio")
     return summaries
+
+
+# FlexiDiT's fine-tuning recipes (issue 15, item 4): label -> (sweep name, grid selection). Each
+# becomes one curve over the number of coarse sampling steps k.
+FLEXIDIT_RECIPES = {
+    "every weight (lr 1e-4)": ("FlexiDiT-lab-L", None),
+    "shared weights at lr 3e-5": ("FlexiDiT-lab-L, shared weights at a lower lr", {"lr": 3e-05}),
+    "shared weights at lr 1e-5": ("FlexiDiT-lab-L, shared weights at a lower lr", {"lr": 1e-05}),
+    "transformer frozen": ("FlexiDiT-lab-L, transformer frozen", None),
+    "frozen + adapters, rank 8": ("FlexiDiT-lab-L, coarse-only adapters", {"lora_rank": 8}),
+    "frozen + adapters, rank 32": ("FlexiDiT-lab-L, coarse-only adapters", {"lora_rank": 32}),
+}
+
+
+def recipe_curves(rows: list[dict] | pd.DataFrame, recipes: dict | None = None,
+                  by: str = "coarse_steps") -> dict[str, pd.DataFrame]:
+    """Each recipe (label -> (sweep, where), default :data:`FLEXIDIT_RECIPES`) summarised over
+    its training seeds at every value of ``by``; a recipe with no rows yet is left out."""
+    curves = {}
+    for label, (sweep, where) in (FLEXIDIT_RECIPES if recipes is None else recipes).items():
+        try:
+            picked = sweep_rows(rows, sweep, where)
+        except ValueError:  # the sweep has not written rows
+            continue
+        if not picked.empty:
+            picked[by] = pd.to_numeric(picked[by], errors="coerce")
+            curves[label] = seed_summary(picked, by=by)
+    if not curves:
+        raise ValueError("none of the recipes has rows in the results")
+    return curves

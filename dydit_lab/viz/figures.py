@@ -18,10 +18,12 @@ import torch
 from ..analysis.loss_gap import per_run_loss, summarize_seed_gap
 from ..analysis.loss_maps import patch_loss_maps, stroke_concentration
 from ..analysis.routing import trace_sampling
+from ..analysis.tradeoff import recipe_curves
 from ..checkpoints import load_model
 from ..data import mnist_split
 from ..evaluation.sampling import generate
 from ..caching.drift import caching_drift
+from ..evaluation.results import read_results
 from ..evaluation.strategies import CACHING, select, strategy_table
 from ..models.flops import analytic_flops, num_tokens, schedule_flops
 from ..models.configs import get_config
@@ -32,6 +34,7 @@ from .plots import (plot_loss_maps, plot_quality_vs_flops, plot_sample_grid, plo
                     plot_speedup_vs_ratio, plot_strategies, save_figure)
 from .routing_plots import (plot_flops_per_step, plot_token_keep, plot_token_map, plot_width_curves,
                             plot_width_heatmap)
+from .tradeoff_plots import plot_recipe_curves
 LAB_MODELS = ("DiT-lab-S", "DiT-lab-L")
 PARENT_SEEDS = (0, 1)  # training seeds of each parent in data/parents/ (parents-S.toml, parents-L.toml)
 REGENERATE = {
@@ -311,6 +314,19 @@ def caching_drift_figure(specs: Mapping[str, str] | None = None, num_samples: in
     return plot_caching_drift(drift), drift.summary
 
 
+def flexidit_recipes_figure(results: str | Path = RESULTS_CSV):
+    """FlexiDiT's fine-tuning recipes (their sweeps' rows in ``results``): quality vs GFLOPs per
+    image over k coarse steps, medians and ranges over training seeds, beside the parent at
+    10/20/30/50 DDIM steps. Returns (figure, one row per recipe and k)."""
+    curves = recipe_curves(read_results(results))
+    strategies = strategy_table(results)
+    references = {"parent, fewer DDIM steps (10/20/30/50)": strategies[strategies["strategy"] == "static"]}
+    table = pd.concat([c.assign(recipe=label) for label, c in curves.items()], ignore_index=True)
+    columns = ["recipe", "coarse_steps", "runs", "gflops_per_image_median", "fd_lenet_median", "fd_lenet_min",
+               "fd_lenet_max", "accuracy_median", "accuracy_min", "accuracy_max"]
+    return plot_recipe_curves(curves, references), table[columns]
+
+
 def dynamic_strategies_figure(results: str | Path = RESULTS_CSV):
     """Quality vs GFLOPs and vs wall-clock per image of every strategy row in ``results``
     (written by ``python -m dydit_lab compare``)."""
@@ -331,6 +347,7 @@ BUILDERS: dict[str, Callable] = {
     "speedup": lambda device: speedup_figure(lab=load_lab_bench()),
     "quality_vs_flops": lambda device: quality_vs_flops_figure(),
     "dynamic_strategies": lambda device: dynamic_strategies_figure(),
+    "flexidit_recipes": lambda device: flexidit_recipes_figure(),
     "strategy_samples": lambda device: (strategy_samples_figure(device=device), None),
     "caching_drift": lambda device: caching_drift_figure(device=device),
 }

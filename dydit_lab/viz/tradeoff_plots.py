@@ -50,6 +50,44 @@ def plot_tradeoff(summary: pd.DataFrame, references: dict[str, pd.DataFrame] | N
     return fig
 
 
+def plot_recipe_curves(curves: dict[str, pd.DataFrame], references: dict[str, pd.DataFrame] | None = None,
+                       by: str = "coarse_steps", title: str = "FlexiDiT fine-tuning recipes") -> Figure:
+    """FD-LeNet (log axis) and accuracy vs GFLOPs per image, one line per recipe.
+
+    ``curves``: label -> :func:`~dydit_lab.analysis.tradeoff.seed_summary` by ``by`` (medians, with
+    min-max bars over training seeds; the legend gives each recipe's run count), e.g. from
+    :func:`~dydit_lab.analysis.tradeoff.recipe_curves`. ``references``: as in :func:`plot_tradeoff`.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    for ax, (metric, metric_label) in zip(axes, PANELS):
+        for i, (name, rows) in enumerate((references or {}).items()):
+            rows = rows.sort_values("gflops_per_image")
+            ax.plot(rows["gflops_per_image"], rows[metric], "o--", color="0.35" if i == 0 else PALETTE[-1 - i],
+                    alpha=0.9, label=name)
+        for j, (label, summary) in enumerate(curves.items()):
+            summary = summary.sort_values("gflops_per_image_median")
+            low, high = int(summary["runs"].min()), int(summary["runs"].max())
+            seeds = f"{low}-{high} seeds" if low != high else "1 seed" if low == 1 else f"{low} seeds"
+            _ranged(ax, summary, metric, PALETTE[j % len(PALETTE)], "s-", f"{label} ({seeds})")
+        first = next(iter(curves.values()))
+        for k, x in zip(first[by], first["gflops_per_image_median"]):  # which k each column of points is
+            ax.annotate(f"k = {k:g}", (x, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                        textcoords="offset points", ha="center", fontsize=7, color="0.3")
+        if metric == "fd_lenet":
+            ax.set_yscale("log")
+            values = [c[f"{metric}_{stat}"] for c in curves.values() for stat in ("min", "max")]
+            values += [r[metric] for r in (references or {}).values()]
+            _plain_log_ticks(ax, np.concatenate([np.asarray(v, float) for v in values]))
+        ax.set_xlabel("GFLOPs per image (whole sampling run)", fontsize=LABEL_SIZE)
+        ax.set_ylabel(metric_label, fontsize=LABEL_SIZE)
+        ax.grid(alpha=0.3)
+        _style(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle(f"{title} (bars: min-max over training seeds)", fontsize=TITLE_SIZE)
+    return fig
+
+
 def _ranged(ax, summary: pd.DataFrame, metric: str, colour, fmt: str, label: str) -> None:
     """Medians with min-max bars (vertical: the metric; horizontal: the compute)."""
     x, y = summary["gflops_per_image_median"], summary[f"{metric}_median"]

@@ -3,7 +3,8 @@
 import pandas as pd
 import pytest
 
-from dydit_lab.analysis.tradeoff import control_summaries, recipe_targets, seed_summary, sweep_rows
+from dydit_lab.analysis.tradeoff import (control_summaries, recipe_curves, recipe_targets, seed_summary,
+                                        sweep_rows)
 
 
 def sweep_table():
@@ -80,3 +81,30 @@ def test_control_summaries_give_one_point_per_grid_value_and_ignore_empty_column
     only_tdw = control_summaries({"abl": sweep_rows(table[2:3], "abl")})
     assert list(only_tdw) == ["TDW only"]  # one router kind present is still that kind's point
     assert summaries["ctl 1,200 steps, lr 3e-05"].fd_lenet_median.iloc[0] == 8.0
+
+
+def flexi_rows():
+    """Two recipes' rows, as FlexiDiT sweeps write them: one per training seed and k coarse."""
+    rows = []
+    for sweep, rank, fds in (("adapters", "8", {0: [6.0], 24: [20.0]}), ("adapters", "32", {0: [6.0, 6.0], 24: [15.0, 17.0]}),
+                             ("every", "", {0: [14.0, 20.0, 16.0], 24: [19.0, 24.0, 21.0]})):
+        for k, values in fds.items():
+            for seed, fd in enumerate(values):
+                rows.append({"name": f"{sweep}: lora_rank={rank}, seed={seed}, k = {k} coarse", "sweep": sweep,
+                             "lora_rank": rank, "coarse_steps": str(k), "fd_lenet": str(fd), "accuracy": "0.9",
+                             "gflops_per_image": str(5.5 - k / 12)})
+    return rows
+
+
+def test_recipe_curves_summarise_each_recipe_over_seeds_per_k():
+    recipes = {"every weight": ("every", None), "rank 32": ("adapters", {"lora_rank": 32}),
+               "rank 8": ("adapters", {"lora_rank": 8}), "not run yet": ("missing sweep", None)}
+    curves = recipe_curves(flexi_rows(), recipes)
+    assert list(curves) == ["every weight", "rank 32", "rank 8"]  # a recipe without rows is left out
+    every = curves["every weight"].set_index("coarse_steps")
+    assert every.loc[0, "runs"] == 3 and every.loc[0, "fd_lenet_median"] == 16.0
+    assert (every.loc[24, "fd_lenet_min"], every.loc[24, "fd_lenet_max"]) == (19.0, 24.0)
+    assert curves["rank 32"].set_index("coarse_steps").loc[24, "fd_lenet_median"] == 16.0
+    assert curves["rank 8"]["runs"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="none of the recipes"):
+        recipe_curves(flexi_rows(), {"x": ("missing sweep", None)})

@@ -77,6 +77,23 @@ def test_quality_vs_flops_figure(tmp_path):
         figures.quality_table(path)
 
 
+def test_flexidit_recipes_figure_reads_the_sweeps_and_the_static_rows(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("name,sweep,lr,lora_rank,coarse_steps,fd_lenet,accuracy,gflops_per_image,strategy,steps\n"
+                    "static: 50 steps,,,,,6.2,0.94,5.54,static,50\n"
+                    "static: 20 steps,,,,,8.2,0.95,2.21,static,20\n"
+                    "a: seed=0 k = 0,FlexiDiT-lab-L,,,0,13.9,0.9,5.54,,\n"
+                    "a: seed=1 k = 0,FlexiDiT-lab-L,,,0,20.5,0.9,5.54,,\n"
+                    "a: seed=0 k = 24,FlexiDiT-lab-L,,,24,19.8,0.85,3.53,,\n"
+                    "b: k = 24,\"FlexiDiT-lab-L, coarse-only adapters\",1e-4,32,24,15.0,0.9,3.53,,\n")
+    fig, table = figures.flexidit_recipes_figure(path)
+    assert table["recipe"].tolist() == ["every weight (lr 1e-4)", "every weight (lr 1e-4)", "frozen + adapters, rank 32"]
+    assert table["fd_lenet_median"].tolist() == [17.2, 19.8, 15.0] and table["runs"].tolist() == [2, 1, 1]
+    reference = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("parent")][0]
+    assert list(reference.get_xdata()) == [2.21, 5.54]
+    assert "flexidit_recipes" in figures.BUILDERS
+
+
 def test_router_schedules_figure_from_traces():
     torch.manual_seed(0)
     model = DyDiT(get_config("DiT-lab-T"))

@@ -9,7 +9,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from dydit_lab.analysis.tradeoff import seed_summary  # noqa: E402
-from dydit_lab.viz.tradeoff_plots import plot_loss_ratios, plot_tradeoff  # noqa: E402
+from dydit_lab.viz.tradeoff_plots import plot_loss_ratios, plot_recipe_curves, plot_tradeoff  # noqa: E402
 
 
 def test_plot_tradeoff_draws_ranges_references_and_controls():
@@ -53,3 +53,20 @@ def test_plot_loss_ratios_draws_each_model_over_the_reference():
     with pytest.raises(ValueError, match="no models"):
         plot_loss_ratios(table[table.model == "parent"], reference="parent")
     plt.close("all")
+
+
+def test_plot_recipe_curves_labels_seed_counts_and_each_k():
+    runs = pd.DataFrame({"coarse_steps": [0, 0, 24, 24], "fd_lenet": [6.0, 8.0, 15.0, 30.0],
+                         "accuracy": [0.94, 0.93, 0.9, 0.8], "gflops_per_image": [5.5, 5.5, 3.5, 3.5]})
+    one = seed_summary(runs.iloc[[0, 2]], by="coarse_steps")
+    static = pd.DataFrame({"gflops_per_image": [5.5, 1.1], "fd_lenet": [6.0, 16.0], "accuracy": [0.94, 0.96]})
+    fig = plot_recipe_curves({"two seeds": seed_summary(runs, by="coarse_steps"), "one": one},
+                             references={"parent, fewer steps": static})
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["parent, fewer steps", "two seeds (2 seeds)", "one (1 seed)"]
+    fd_axes = fig.axes[0]
+    assert fd_axes.get_yscale() == "log" and fig.axes[1].get_yscale() == "linear"
+    assert [t.get_text() for t in fd_axes.texts] == ["k = 0", "k = 24"]
+    segments = fd_axes.containers[0].lines[2][1].get_segments()  # the two-seed curve's FD bars, by compute
+    assert sorted(tuple(s[:, 1]) for s in segments) == [(6.0, 8.0), (15.0, 30.0)]
+    plt.close(fig)
