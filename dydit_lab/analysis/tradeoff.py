@@ -127,6 +127,7 @@ FLEXIDIT_RECIPES = {
     "transformer frozen": ("FlexiDiT-lab-L, transformer frozen", None),
     "frozen + adapters, rank 8": ("FlexiDiT-lab-L, coarse-only adapters", {"lora_rank": 8}),
     "frozen + adapters, rank 32": ("FlexiDiT-lab-L, coarse-only adapters", {"lora_rank": 32}),
+    "frozen + adapters, rank 64": ("FlexiDiT-lab-L, coarse-only adapters", {"lora_rank": 64}),
 }
 
 
