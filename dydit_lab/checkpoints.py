@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from .models.adapters import lora_rank_in
 from .models.configs import DIT_CONFIGS, get_config
 from .models.dit import DiT
 from .models.dydit import DyDiT, is_router_key
-from .models.flexidit import FLEX_PREFIX, FlexiDiT, flex_patches_in, lora_rank_in
+from .models.flexidit import FLEX_PREFIX, FlexiDiT, flex_patches_in
 from .models.routers import set_router_release
 
 

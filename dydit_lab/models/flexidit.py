@@ -10,7 +10,6 @@ follows the paper, point by point, is in notebook 05.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -21,8 +20,9 @@ from torch.func import functional_call
 
 from . import flops
 from ..diffusion import NUM_TIMESTEPS, guide_doubled_output, space_timesteps
+from .adapters import LORA_TARGETS, BlockAdapter
 from .configs import DiTConfig, coarse_patch_sizes
-from .dit import DiT, DiTBlock, ModelWrapper, PatchEmbed, _1d_sincos, get_2d_sincos_pos_embed, modulate
+from .dit import DiT, ModelWrapper, PatchEmbed, _1d_sincos, get_2d_sincos_pos_embed, modulate
 
 FLEX_PREFIX = "flex_"
 RESIZE_MODES = ("bilinear", "nearest")
@@ -105,51 +105,6 @@ def coarse_pos_embed(embed_dim: int, input_size: int, native_patch: int, patch: 
         return get_2d_sincos_pos_embed(embed_dim, grid)
     centres = (np.arange(grid, dtype=np.float64) + 0.5) * patch / native_patch - 0.5
     return sincos_pos_embed_at(embed_dim, centres, centres)
-
-
-# ---------------------------------------------------------------------------
-# Coarse-only low-rank adapters (the paper's LoRA variant, Sec. 3.2)
-# ---------------------------------------------------------------------------
-
-# Adapter name -> the block's linear it updates (self-attention and MLP, as in the paper).
-LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-
-
-class LowRankDelta(nn.Module):
-    """A rank-r update ``B @ A`` of one linear's ``(out, in)`` weight. ``B`` starts at zero,
-    so a fresh adapter changes nothing; ``A`` starts ~N(0, 1/in) so that ``A x`` keeps the
-    scale of x and B's first steps already move the output."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int):
-        super().__init__()
-        self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))
-
-    def forward(self) -> torch.Tensor:
-        return self.B @ self.A
-
-
-class BlockAdapter(nn.Module):
-    """The low-rank updates of one block's four linears (:data:`LORA_TARGETS`)."""
-
-    def __init__(self, block: DiTBlock, rank: int):
-        super().__init__()
-        self.deltas = nn.ModuleDict({
-            name: LowRankDelta(block.get_submodule(path).in_features, block.get_submodule(path).out_features, rank)
-            for name, path in LORA_TARGETS.items()})
-
-    def merged_weights(self, block: DiTBlock) -> dict[str, torch.Tensor]:
-        """``{"attn.qkv.weight": W + B A, ...}``: the block's weights at this adapter's patch."""
-        return {f"{path}.weight": block.get_submodule(path).weight + self.deltas[name]()
-                for name, path in LORA_TARGETS.items()}
-
-
-def lora_rank_in(state: dict) -> int:
-    """The adapter rank a FlexiDiT state dict carries (0: no adapters)."""
-    for k, v in state.items():
-        if k.startswith("flex_lora.") and k.endswith(".A"):
-            return int(v.shape[0])
-    return 0
 
 
 # ---------------------------------------------------------------------------

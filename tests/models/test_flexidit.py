@@ -11,8 +11,9 @@ from dydit_lab.models.flops import fvcore_flops, schedule_flops
 from dydit_lab.models.configs import get_config
 from dydit_lab.models.dit import DiT, get_2d_sincos_pos_embed
 from dydit_lab.models.dydit import DyDiT
+from dydit_lab.models.adapters import lora_rank_in
 from dydit_lab.models.flexidit import (FlexiDiT, PatchSchedule, coarse_pos_embed, flex_patches_in,
-                                       lora_rank_in, pi_resize_kernel, resize_matrix, resize_output_linear,
+                                       pi_resize_kernel, resize_matrix, resize_output_linear,
                                        scheduled_model, sincos_pos_embed_at)
 from tests.helpers import inputs as _inputs
 
