@@ -39,14 +39,8 @@ def plot_tradeoff(summary: pd.DataFrame, references: dict[str, pd.DataFrame] | N
                         textcoords="offset points", fontsize=7, color=PALETTE[0])
         for j, (name, rows) in enumerate((controls or {}).items()):
             _ranged(ax, rows, metric, PALETTE[(j + 5) % len(PALETTE)], "D", name)
-        ax.set_xlabel("GFLOPs per image (whole sampling run)", fontsize=LABEL_SIZE)
-        ax.set_ylabel(metric_label, fontsize=LABEL_SIZE)
-        ax.grid(alpha=0.3)
-        _style(ax)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
-    fig.suptitle("Quality vs compute over the FLOPs target λ (bars: min-max over training seeds)",
-                 fontsize=TITLE_SIZE)
+        _label_compute_axes(ax, metric_label)
+    _legend_and_title(fig, "Quality vs compute over the FLOPs target λ (bars: min-max over training seeds)")
     return fig
 
 
@@ -78,14 +72,23 @@ def plot_recipe_curves(curves: dict[str, pd.DataFrame], references: dict[str, pd
             values = [c[f"{metric}_{stat}"] for c in curves.values() for stat in ("min", "max")]
             values += [r[metric] for r in (references or {}).values()]
             _plain_log_ticks(ax, np.concatenate([np.asarray(v, float) for v in values]))
-        ax.set_xlabel("GFLOPs per image (whole sampling run)", fontsize=LABEL_SIZE)
-        ax.set_ylabel(metric_label, fontsize=LABEL_SIZE)
-        ax.grid(alpha=0.3)
-        _style(ax)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
-    fig.suptitle(f"{title} (bars: min-max over training seeds)", fontsize=TITLE_SIZE)
+        _label_compute_axes(ax, metric_label)
+    _legend_and_title(fig, f"{title} (bars: min-max over training seeds)")
     return fig
+
+
+def _label_compute_axes(ax, metric_label: str) -> None:
+    ax.set_xlabel("GFLOPs per image (whole sampling run)", fontsize=LABEL_SIZE)
+    ax.set_ylabel(metric_label, fontsize=LABEL_SIZE)
+    ax.grid(alpha=0.3)
+    _style(ax)
+
+
+def _legend_and_title(fig: Figure, title: str) -> None:
+    """One legend for both panels, below them (the first panel's entries), and the title."""
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle(title, fontsize=TITLE_SIZE)
 
 
 def _ranged(ax, summary: pd.DataFrame, metric: str, colour, fmt: str, label: str) -> None:
