@@ -9,7 +9,6 @@ repeats, median), which sets random models' routers to a target instead.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from ..checkpoints import load_model
 from ..models.dydit import CompleteModel, DyDiT
 from ..paths import resolve_device
 from .run import sliced_vs_masked, time_paths
-from .setup import set_threads
+from .setup import describe_device, set_threads
 from .workload import BenchInputs
 
 
@@ -69,8 +68,7 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
     speedup = per_step["static"] / per_step["sliced"]
     return {
         "name": name or model.arch or "DyDiT", "arch": model.arch, "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"  # CUDA only
-                        else platform.processor() or platform.machine()),
+        "device_name": describe_device(device),
         "batch_size": batch_size, "steps": steps, "repeats": repeats, "flops_ratio": flops_ratio,
         "static_seconds": per_step["static"], "dynamic_seconds": per_step["sliced"],
         "masked_seconds": per_step["masked"], "speedup": speedup,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from ..models.dydit import DyDiT
 from ..models.routers import Routing
 from ..paths import resolve_device
 from .router_setting import DEFAULT_KEEP_RATE, DEFAULT_WIDTH_SLOPE
-from .setup import prepare_bench
+from .setup import describe_device, prepare_bench
 from .workload import BenchInputs, build_models
 
 
@@ -169,8 +168,7 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
         "input_size": input_size,
         "tokens": flops_lib.num_tokens(cfg),
         "device": str(dev),
-        "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"  # CUDA only
-                        else platform.processor() or platform.machine()),
+        "device_name": describe_device(dev),
         "batch_size": batch_size,
         "steps": steps,
         "timesteps": inputs.timesteps,

@@ -4,7 +4,9 @@ profiled (:mod:`.profile`)."""
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,20 @@ class PreparedBench:
     inputs: BenchInputs
     setting: RouterSetting
     device: torch.device
+
+
+def describe_device(device: torch.device, cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The accelerator's name (CUDA) or the CPU model (Linux's ``model name``, else the platform's
+    processor or architecture): what tells two machines' timings apart in one folder of results."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def set_threads(threads: int | None) -> None:
