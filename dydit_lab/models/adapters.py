@@ -43,6 +43,12 @@ class BlockAdapter(nn.Module):
             name: LowRankDelta(block.get_submodule(path).in_features, block.get_submodule(path).out_features, rank)
             for name, path in LORA_TARGETS.items()})
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Zero every ``B``: the adapter changes nothing again (``A`` keeps its draw)."""
+        for delta in self.deltas.values():
+            delta.B.zero_()
+
     def merged_weights(self, block: DiTBlock) -> dict[str, torch.Tensor]:
         """``{"attn.qkv.weight": W + B A, ...}``: the block's weights at this adapter's patch."""
         return {f"{path}.weight": block.get_submodule(path).weight + self.deltas[name]()

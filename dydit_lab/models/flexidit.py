@@ -199,8 +199,7 @@ class FlexiDiT(DiT):
             self.flex_size_embed[str(q)].zero_()
             if self.lora_rank:
                 for adapter in self.flex_lora[str(q)]:
-                    for delta in adapter.deltas.values():
-                        delta.B.zero_()
+                    adapter.reset()
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters the parent DiT does not have (embedders, final linears,

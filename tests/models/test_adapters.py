@@ -29,6 +29,8 @@ def test_block_adapter_merges_into_the_four_linears_and_runs_the_plain_block():
         for delta in adapter.deltas.values():
             delta.B.normal_(0, 0.1)
         assert not torch.allclose(functional_call(block, adapter.merged_weights(block), (x, c)), block(x, c))
+    adapter.reset()  # back to a no-op
+    assert all(not delta().any() for delta in adapter.deltas.values())
 
 
 def test_lora_rank_is_read_off_the_state_dict():
