@@ -99,7 +99,7 @@ def strategy_checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
     dit = dydit_lab.create_model("DiT-lab-T")
-    models = {"DiT-lab-L.pt": dit, "DiT-lab-S.pt": dit, "FlexiDiT-lab-L.pt": FlexiDiT.from_dit(dit)}
+    models = {"DiT-lab-L.pt": dit, "DiT-lab-S.pt": dit, "FlexiDiT-lab-L-adapters.pt": FlexiDiT.from_dit(dit, lora_rank=2)}
     for lam in ("0.7", "0.5"):
         models[f"DyDiT-lab-L-{lam}.pt"] = DyDiT.from_dit(dit)
     for name, model in models.items():

@@ -6,8 +6,8 @@ The families share one large parent model, ``DiT-lab-L``:
   model at the same step counts);
 - **DyDiT**: the parent fine-tuned with timestep-wise width and token routers (one
   checkpoint per FLOPs target lambda), also at fewer sampling steps (**DyDiT + fewer steps**);
-- **FlexiDiT**: the parent fine-tuned to also run at a coarse patch size, sampled with its
-  first k of S steps coarse;
+- **FlexiDiT**: the parent with coarse-only low-rank adapters (its native path is the parent,
+  weight for weight), sampled with its first k of S steps at the coarse patch size;
 - **caching**: the parent sampled with a training-free feature-caching policy
   (:mod:`dydit_lab.caching`: FORA, FBCache, DBCache, TeaCache, ToCa, Learning-to-Cache), each
   at a few settings; **DyDiT + caching**: DyDiT lambda = 0.5 with a caching policy on top.
@@ -82,7 +82,8 @@ STRATEGIES: tuple[Strategy, ...] = (
     *(Strategy("DyDiT", f"lambda = {lam}", f"DyDiT-lab-L-{lam}.pt") for lam in ("0.7", "0.5")),
     # Does dynamic width add to fewer sampling steps?
     *(Strategy("DyDiT + fewer steps", f"lambda = 0.5, {s} steps", "DyDiT-lab-L-0.5.pt", steps=s) for s in (20, 30)),
-    *(Strategy("FlexiDiT", f"k = {k} of 50 coarse", "FlexiDiT-lab-L.pt", coarse_steps=k)
+    # The adapter recipe: the every-weight fine-tune degraded the native path (notebook 05).
+    *(Strategy("FlexiDiT", f"k = {k} of 50 coarse", "FlexiDiT-lab-L-adapters.pt", coarse_steps=k)
       for k in (0, 12, 24, 36)),
     *(Strategy("caching", setting, "DiT-lab-L.pt", cache=spec) for setting, spec in CACHING),
     *(Strategy("DyDiT + caching", setting, "DyDiT-lab-L-0.5.pt", cache=spec) for setting, spec in DYDIT_CACHING),

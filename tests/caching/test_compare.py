@@ -24,4 +24,4 @@ def test_compare_evaluates_caching_strategies(strategy_checkpoints, tmp_path, ev
 
 def test_a_cache_does_not_combine_with_other_wrappers(strategy_checkpoints):
     with pytest.raises(ValueError, match="--cache cannot be combined"):
-        sampling_model(strategy_checkpoints / "FlexiDiT-lab-L.pt", coarse_steps=10, cache="fora:2")
+        sampling_model(strategy_checkpoints / "FlexiDiT-lab-L-adapters.pt", coarse_steps=10, cache="fora:2")

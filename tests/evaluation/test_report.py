@@ -11,7 +11,7 @@ from dydit_lab.models.flexidit import PatchSchedule
 
 
 def test_flexidit_schedule_costs_and_times(strategy_checkpoints, evaluator):
-    path = strategy_checkpoints / "FlexiDiT-lab-L.pt"
+    path = strategy_checkpoints / "FlexiDiT-lab-L-adapters.pt"
     native = evaluate_checkpoint(path, num_samples=10, steps=4, evaluator=evaluator, progress=False)
     coarse = evaluate_checkpoint(path, num_samples=10, steps=4, coarse_steps=2, evaluator=evaluator,
                                  progress=False)
@@ -58,7 +58,7 @@ def test_sampling_model_wraps_as_asked(strategy_checkpoints):
     assert isinstance(sampling_model(dydit), DyDiT)
     complete = sampling_model(dydit, complete_model=True, complete_from_t=300)
     assert isinstance(complete, CompleteModel) and complete.from_t == 300
-    schedule = sampling_model(strategy_checkpoints / "FlexiDiT-lab-L.pt", steps=10, coarse_steps=4)
+    schedule = sampling_model(strategy_checkpoints / "FlexiDiT-lab-L-adapters.pt", steps=10, coarse_steps=4)
     assert isinstance(schedule, PatchSchedule) and (schedule.coarse_steps, schedule.total_steps) == (4, 10)
     with pytest.raises(ValueError, match="--complete-model"):
         sampling_model(dydit, complete_from_t=300)

@@ -68,7 +68,7 @@ def test_quality_vs_flops_figure(tmp_path):
                     "static: 50 steps,0.9,6,0.11,5.5,static,50,,data/checkpoints/DiT-lab-L.pt\n"
                     "static: 20 steps,0.9,8,0.11,2.2,static,20,,data/checkpoints/DiT-lab-L.pt\n"
                     "DyDiT: lambda = 0.5,0.9,14,0.057,2.85,DyDiT,50,,data/checkpoints/DyDiT-lab-L-0.5.pt\n"
-                    "FlexiDiT: k = 12 of 50 coarse,0.9,10,0.09,4.5,FlexiDiT,50,12,data/checkpoints/FlexiDiT-lab-L.pt\n"
+                    "FlexiDiT: k = 12 of 50 coarse,0.9,10,0.09,4.5,FlexiDiT,50,12,data/checkpoints/FlexiDiT-lab-L-adapters.pt\n"
                     "caching: FORA N = 2,0.8,30,0.05,2.5,caching,50,,data/checkpoints/DiT-lab-L.pt\n")
     fig, table = figures.quality_vs_flops_figure(path)  # each checkpoint once, at its own 50-step path
     assert list(table["name"]) == ["DyDiT-lab-L-0.5", "DiT-lab-L"] and len(fig.axes) == 2
