@@ -31,9 +31,10 @@ from ..paths import BENCH_DIR, CHECKPOINT_DIR, DATA_DIR, FIGURES_DIR, RESULTS_CS
 from .caching_plots import plot_caching_drift
 from .gap_plots import plot_gap_panels
 from .plots import (plot_loss_maps, plot_quality_vs_flops, plot_sample_grid, plot_speedup_vs_batch,
-                    plot_speedup_vs_ratio, plot_strategies, save_figure)
+                    plot_speedup_vs_ratio, plot_strategies, save_figure, display_name)
 from .routing_plots import (plot_flops_per_step, plot_token_keep, plot_token_map, plot_width_curves,
                             plot_width_heatmap)
+from .token_map_plots import token_maps_figure
 from .tradeoff_plots import plot_recipe_curves
 LAB_MODELS = ("DiT-lab-S", "DiT-lab-L")
 PARENT_SEEDS = (0, 1)  # training seeds of each parent in data/parents/ (parents-S.toml, parents-L.toml)
@@ -179,7 +180,7 @@ def router_schedules_figure(traces: dict | None = None, device="cpu"):
 
 # DyDiT-XL on a V100 (paper): FLOPs fraction 84.33/118.69 and 57.88/118.69 -> measured speed-up.
 PAPER_V100 = pd.DataFrame({"flops_ratio": [84.33 / 118.69, 57.88 / 118.69], "speedup": [1.32, 1.73],
-                           "label": ["paper, lambda=0.7", "paper, lambda=0.5"]})
+                           "label": ["paper, λ = 0.7", "paper, λ = 0.5"]})
 
 
 def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
@@ -301,7 +302,7 @@ def strategy_samples_figure(names=SAMPLE_STRATEGIES, num: int = 20, seed: int = 
     for ax, strategy in zip(list(axes) if len(chosen) > 1 else [axes], chosen):
         model = strategy.model(CHECKPOINT_DIR, device)
         samples, labels = generate(model, num, steps=strategy.steps, seed=seed, device=device, progress=False)
-        plot_sample_grid(samples, labels, nrow=10, ax=ax, title=strategy.name)
+        plot_sample_grid(samples, labels, nrow=10, ax=ax, title=display_name(strategy.name))
     return fig
 
 
@@ -344,6 +345,7 @@ BUILDERS: dict[str, Callable] = {
     "loss_gap": lambda device: loss_gap_figure(device=device),
     "loss_maps": lambda device: loss_maps_figure(device=device),
     "router_schedules": lambda device: router_schedules_figure(device=device),
+    "token_maps": lambda device: token_maps_figure(router_traces(device=device)),
     "speedup": lambda device: speedup_figure(lab=load_lab_bench()),
     "quality_vs_flops": lambda device: quality_vs_flops_figure(),
     "dynamic_strategies": lambda device: dynamic_strategies_figure(),
