@@ -14,6 +14,7 @@ from __future__ import annotations
 import pandas as pd
 
 METRICS = ("fd_lenet", "accuracy", "gflops_per_image", "block_flops_fraction")
+INTERVALS = ("fd_lenet", "accuracy")  # metrics whose rows carry a 95 % bootstrap interval (_lo, _hi)
 
 # Issue 15's bar for a recipe that works on every seed (relative to the parent's FD-LeNet).
 MEDIAN_FD_MARGIN, WORST_FD_MARGIN, FRACTION_TOLERANCE = 0.05, 0.15, 0.03
@@ -33,14 +34,17 @@ def sweep_rows(rows: list[dict] | pd.DataFrame, sweep: str, where: dict | None =
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         held = pd.to_numeric(table[column], errors="coerce") if numeric else table[column].astype(str)
         table = table[held == (value if numeric else str(value))]
-    numeric = [c for c in (*METRICS, "target_ratio", "train_seed", "fd_lenet_lo", "fd_lenet_hi") if c in table]
+    bounds = [f"{m}_{end}" for m in INTERVALS for end in ("lo", "hi")]
+    numeric = [c for c in (*METRICS, "target_ratio", "train_seed", *bounds) if c in table]
     table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce")
     return table.reset_index(drop=True)
 
 
 def seed_summary(rows: pd.DataFrame, by: str | list[str] = "target_ratio") -> pd.DataFrame:
     """Per grid point (``by``): the number of runs (and the devices they ran on, where rows
-    have a ``device`` column) and each metric's median, min and max over them."""
+    have a ``device`` column) and each metric's median, min and max over them, and (where rows
+    carry them) the 95 % interval of the median run: ``fd_lenet_lo``/``_hi``, ``accuracy_lo``/``_hi``,
+    NaN where the median falls between two runs (an even count)."""
     by = [by] if isinstance(by, str) else list(by)
     missing = [c for c in by if c not in rows.columns]
     if missing:
@@ -53,7 +57,21 @@ def seed_summary(rows: pd.DataFrame, by: str | list[str] = "target_ratio") -> pd
     summary.insert(0, "runs", grouped.size())
     if "device" in rows.columns:  # where the runs trained: GPU and CPU runs of one recipe differ in rounding only
         summary.insert(1, "devices", groups["device"].agg(_device_counts))
+    for metric in INTERVALS:
+        if {metric, f"{metric}_lo", f"{metric}_hi"} <= set(rows.columns):
+            columns = [f"{metric}_lo", f"{metric}_hi"]
+            bounds = [_median_run_interval(part, metric) for _, part in groups]  # groups in summary order
+            summary[columns] = pd.DataFrame(bounds, index=summary.index, columns=columns)
     return summary.reset_index()
+
+
+def _median_run_interval(part: pd.DataFrame, metric: str) -> tuple[float, float]:
+    """The (lo, hi) interval of the run whose ``metric`` is the median of ``part`` (NaNs if none is)."""
+    values = pd.to_numeric(part[metric], errors="coerce")
+    at = part[values == values.dropna().median()]
+    if at.empty:
+        return float("nan"), float("nan")
+    return tuple(float(pd.to_numeric(at[f"{metric}_{end}"], errors="coerce").iloc[0]) for end in ("lo", "hi"))
 
 
 def _device_counts(devices: pd.Series) -> str:

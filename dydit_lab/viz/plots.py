@@ -18,13 +18,16 @@ import seaborn as sns
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.transforms import offset_copy
 
 from ..analysis.loss_maps import PatchLossMaps, normalize_maps
 from ..evaluation.strategies import pareto_front
+from .labels import place_labels
 
 __all__ = ["plot_quality_vs_flops", "plot_strategies", "plot_speedup_vs_batch", "plot_speedup_vs_ratio",
-           "plot_loss_maps", "plot_sample_grid", "save_figure"]
+           "plot_loss_maps", "plot_sample_grid", "save_figure", "interval_bars", "display_name"]
 
 PALETTE = sns.color_palette("colorblind")
 T_LABEL = "timestep t (0 = clean, 999 = pure noise)"
@@ -243,59 +246,54 @@ def plot_speedup_vs_batch(bench: pd.DataFrame, ax: Axes | None = None) -> Figure
     return fig
 
 
+INTERVAL_NOTE = "bars: 95 % bootstrap intervals over the generated samples"
+
+
+def interval_bars(ax: Axes, x, table: pd.DataFrame, metric: str, colour, *, lw: float = 1.2,
+                  alpha: float = 0.45, zorder: float = 2, dodge: float = 0.0):
+    """Each row's 95 % bootstrap interval of ``metric`` (columns ``{metric}_lo`` and
+    ``{metric}_hi``, over the generated samples) as a vertical bar without caps at ``x``
+    (shifted ``dodge`` points sideways: series that share x values stay apart), in ``colour``,
+    light. Rows without an interval (or a table without the columns) get none.
+    Returns the LineCollection (gid ``"interval"``), or None when no row has an interval."""
+    lo_column, hi_column = f"{metric}_lo", f"{metric}_hi"
+    if lo_column not in table or hi_column not in table:
+        return None
+    x = np.asarray(x, float)
+    lo = pd.to_numeric(table[lo_column], errors="coerce").to_numpy(float)
+    hi = pd.to_numeric(table[hi_column], errors="coerce").to_numpy(float)
+    keep = np.isfinite(x) & np.isfinite(lo) & np.isfinite(hi)
+    if not keep.any():
+        return None
+    shifted = offset_copy(ax.transData, fig=ax.figure, x=dodge, units="points") if dodge else ax.transData
+    return ax.vlines(x[keep], lo[keep], hi[keep], colors=[colour], lw=lw, alpha=alpha, zorder=zorder,
+                     gid="interval", transform=shifted)
+
+
+def interval_handle(lw: float = 1.2, alpha: float = 0.45) -> Line2D:
+    """A legend entry for :func:`interval_bars` (grey: each series draws its own colour)."""
+    return Line2D([], [], color="0.35", lw=lw, alpha=alpha, label="95 % bootstrap interval\n(over the samples)")
+
+
 def plot_quality_vs_flops(table: pd.DataFrame) -> Figure:
-    """FD-LeNet (lower is better) and class accuracy vs GFLOPs per sampling step."""
+    """FD-LeNet (lower is better) and class accuracy vs GFLOPs per sampling step, each point
+    with its 95 % bootstrap interval over the generated samples where the row has one."""
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
-    # Labels of points in the right half grow leftwards, so long names stay inside the axes.
-    middle = (table["gflops_per_step"].min() + table["gflops_per_step"].max()) / 2
     for ax, column, label in ((ax_fd, "fd_lenet", "FD-LeNet (lower is better)"),
                               (ax_acc, "accuracy", "class accuracy")):
         ax.scatter(table["gflops_per_step"], table[column], s=60, color=PALETTE[0], zorder=3)
-        labels = [(row["gflops_per_step"], row[column], display_name(row["name"]),
-                   -6 if row["gflops_per_step"] > middle else 4) for _, row in table.iterrows()]
-        offsets = label_offsets(ax, [(x, y) for x, y, _, _ in labels], [t for _, _, t, _ in labels],
-                                [dx for _, _, _, dx in labels], fontsize=8)
-        for (x, y, text, dx), dy in zip(labels, offsets):
-            ax.annotate(text, (x, y), fontsize=8, xytext=(dx, dy), textcoords="offset points",
-                        ha="right" if dx < 0 else "left",
-                        arrowprops=dict(arrowstyle="-", lw=0.4, color="grey") if abs(dy) > 8 else None)
+        interval_bars(ax, table["gflops_per_step"], table, column, PALETTE[0], lw=1.5)
         ax.set_xlabel("GFLOPs per image per sampling step", fontsize=LABEL_SIZE)
         ax.set_ylabel(label, fontsize=LABEL_SIZE)
         _style(ax)
-    fig.suptitle("Quality vs compute", fontsize=TITLE_SIZE)
+    fig.suptitle(f"Quality vs compute ({INTERVAL_NOTE})", fontsize=TITLE_SIZE)
+    for ax, column in ((ax_fd, "fd_lenet"), (ax_acc, "accuracy")):
+        place_labels(ax, list(zip(table["gflops_per_step"], table[column])),
+                     [display_name(n) for n in table["name"]], fontsize=8)
     return fig
 
 
 STRATEGY_MARKERS = {"static": "o", "DyDiT": "s", "FlexiDiT": "^"}
-
-
-def label_offsets(ax: Axes, points, texts, anchors, fontsize: float = 8.0, gap: float = 1.3) -> list[float]:
-    """Vertical offsets (points) for labels so that no two overlap.
-
-    ``points``: data coordinates; ``texts``: the labels; ``anchors``: each label's horizontal
-    offset in points (negative: the label ends there, right-aligned). A label's width is
-    estimated from its length; each label, from the lowest up, moves up past those already
-    placed that it would overlap. Call after the axes' data are plotted.
-    """
-    ax.autoscale_view()
-    scale = 72.0 / ax.figure.dpi  # display pixels -> points
-    where = [ax.transData.transform(p) * scale for p in points]
-    height = gap * fontsize
-    spans = []
-    for (x, _), text, dx in zip(where, texts, anchors):
-        width = 0.55 * fontsize * len(text)
-        spans.append((x + dx - width, x + dx) if dx < 0 else (x + dx, x + dx + width))
-    offsets = [3.0] * len(points)
-    placed: list[tuple[float, float, float]] = []  # (left, right, label y)
-    for i in sorted(range(len(points)), key=lambda k: where[k][1]):
-        left, right = spans[i]
-        label_y = where[i][1] + offsets[i]
-        for other_left, other_right, other_y in sorted(placed, key=lambda p: p[2]):
-            if left < other_right and other_left < right and abs(other_y - label_y) < height:
-                label_y = other_y + height
-        offsets[i] = label_y - where[i][1]
-        placed.append((left, right, label_y))
-    return offsets
 
 
 def _series_colours(names) -> dict:
@@ -308,9 +306,11 @@ def _series_colours(names) -> dict:
 def plot_strategies(table: pd.DataFrame) -> Figure:
     """Quality (FD-LeNet, class accuracy) vs compute (GFLOPs per image) and vs measured
     wall-clock per image: one line per strategy series (a caching policy is its own series),
-    the Pareto front over every point drawn behind. FD panels label every point by its setting;
-    accuracy panels, where most points crowd into a few hundredths, only the front and the
-    DyDiT families (the colours and the FD panels name the rest)."""
+    the Pareto front over every point drawn behind, and each point's 95 % bootstrap interval
+    over the generated samples (a light bar in the series' colour; none where a row has none).
+    FD panels label every point by its setting; accuracy panels, where most points crowd into a
+    few hundredths, only the front and the DyDiT families (the colours and the FD panels name
+    the rest). Labels are placed by :func:`~dydit_lab.viz.labels.place_labels` (none overlap)."""
     fig, axes = plt.subplots(2, 2, figsize=(14, 10), layout="constrained")
     panels = [("gflops_per_image", "GFLOPs per image (whole sampling run)"),
               ("seconds_per_image", "CPU wall-clock per image (s)")]
@@ -318,25 +318,23 @@ def plot_strategies(table: pd.DataFrame) -> Figure:
                ("accuracy", "class accuracy (higher is better)", True)]
     series = table["series"] if "series" in table else table["strategy"]
     colours = _series_colours(series)
+    labels, bars = {}, False
     for row, (metric, metric_label, higher) in zip(axes, metrics):
         for ax, (x, x_label) in zip(row, panels):
             front = pareto_front(list(table[x]), list(table[metric]), higher_is_better=higher)
             ax.step(table[x].iloc[front], table[metric].iloc[front], where="post", color="grey", lw=5,
                     alpha=0.3, zorder=1, label="Pareto front")
             on_front = set(table.index[front])
-            placed = []
+            labels[ax] = []
             for name, group in table.groupby(series, sort=False):
                 group = group.sort_values(x)
                 family = group["strategy"].iloc[0]
                 ax.plot(group[x], group[metric], marker=STRATEGY_MARKERS.get(family, "D"), ms=6,
-                        color=colours[name], label=name, zorder=3)
-                placed.extend((r[x], r[metric], display_name(r["setting"]), colours[name])
-                              for i, r in group.iterrows()
-                              if not higher or i in on_front or family.startswith("DyDiT"))
-            offsets = label_offsets(ax, [(a, b) for a, b, _, _ in placed], [t for _, _, t, _ in placed],
-                                    [4] * len(placed), fontsize=6.5)
-            for (px, py, text, colour), dy in zip(placed, offsets):
-                ax.annotate(text, (px, py), fontsize=6.5, color=colour, xytext=(4, dy), textcoords="offset points")
+                        color=colours[name], label=display_name(name), zorder=3)
+                bars |= interval_bars(ax, group[x], group, metric, colours[name]) is not None
+                labels[ax].extend((r[x], r[metric], display_name(r["setting"]), colours[name])
+                                  for i, r in group.iterrows()
+                                  if not higher or i in on_front or family.startswith("DyDiT"))
             ax.set_xlabel(x_label, fontsize=LABEL_SIZE)
             ax.set_ylabel(metric_label, fontsize=LABEL_SIZE)
             if metric == "fd_lenet":  # FDs span two decades once caching breaks down: ratios compare
@@ -346,8 +344,14 @@ def plot_strategies(table: pd.DataFrame) -> Figure:
                 ax.yaxis.set_minor_formatter(NullFormatter())
             ax.grid(alpha=0.3)
             _style(ax)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, title="strategy", loc="outside right center", fontsize=8)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if bars:
+        handles.append(interval_handle())
+        names.append(handles[-1].get_label())
+    fig.legend(handles, names, title="strategy", loc="outside right center", fontsize=8)
     families = ", ".join(dict.fromkeys(table["strategy"]))
     fig.suptitle(f"Spending less compute per image: {families}", fontsize=TITLE_SIZE)
+    for ax, placed in labels.items():  # last: the legend and titles settle where the axes sit
+        place_labels(ax, [(a, b) for a, b, _, _ in placed], [t for _, _, t, _ in placed],
+                     [c for _, _, _, c in placed], fontsize=6.5)
     return fig

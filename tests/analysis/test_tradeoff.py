@@ -108,3 +108,17 @@ def test_recipe_curves_summarise_each_recipe_over_seeds_per_k():
     assert curves["rank 8"]["runs"].tolist() == [1, 1]
     with pytest.raises(ValueError, match="none of the recipes"):
         recipe_curves(flexi_rows(), {"x": ("missing sweep", None)})
+
+
+def test_seed_summary_carries_the_median_runs_interval():
+    table = sweep_table()
+    for row in table[:6]:
+        fd = float(row["fd_lenet"])
+        row.update(fd_lenet_lo=str(fd - 1), fd_lenet_hi=str(fd + 2), accuracy_lo="0.7", accuracy_hi="")
+    rows = sweep_rows(table, "s")
+    summary = seed_summary(rows).set_index("target_ratio")
+    assert (summary.loc[0.5, "fd_lenet_lo"], summary.loc[0.5, "fd_lenet_hi"]) == (21.0, 24.0)  # the run at 22
+    assert summary.loc[0.7, "accuracy_lo"] == 0.7 and pd.isna(summary.loc[0.7, "accuracy_hi"])  # a missing bound
+    even = seed_summary(rows[rows["name"] != "s: target_ratio=0.5, seed=2"]).set_index("target_ratio")
+    assert pd.isna(even.loc[0.5, "fd_lenet_lo"]) and even.loc[0.7, "fd_lenet_lo"] == 19.0  # 2 runs: no median run
+    assert "fd_lenet_lo" not in seed_summary(sweep_rows(sweep_table(), "s")).columns

@@ -1,5 +1,8 @@
-"""Figures: return values, axes count and labels, saving."""
+"""Figures: return values, axes count and labels, interval bars, label placement, saving."""
 
+from types import SimpleNamespace
+
+import numpy as np
 import pandas as pd
 
 import matplotlib
@@ -14,8 +17,11 @@ from matplotlib.figure import Figure  # noqa: E402
 from dydit_lab import create_model  # noqa: E402
 from dydit_lab.analysis.loss_maps import patch_loss_maps  # noqa: E402
 from dydit_lab.evaluation.strategies import series_name  # noqa: E402
+from dydit_lab.viz import figures  # noqa: E402
+from dydit_lab.viz.labels import LINE, _crossings, _segments, label_boxes, place_labels  # noqa: E402
 from dydit_lab.viz.plots import (  # noqa: E402
     plot_loss_maps,
+    plot_quality_vs_flops,
     plot_sample_grid,
     plot_speedup_vs_batch,
     plot_strategies,
@@ -98,3 +104,90 @@ def test_speedup_vs_batch_keeps_cpu_thread_counts_apart_and_names_no_threads_on_
     labels = [line.get_label() for line in fig.axes[0].lines if not line.get_label().startswith("_")]
     assert "sliced, ratio 0.5, cpu, 1 thread" in labels and "sliced, ratio 0.5, cpu, 2 threads" in labels
     assert "sliced, ratio 0.5, cuda" in labels
+
+
+def _interval_segments(ax):
+    """(lo, hi) of every 95 % interval bar on ``ax``, sorted."""
+    return sorted((float(s[0, 1]), float(s[1, 1])) for c in ax.collections if c.get_gid() == "interval"
+                  for s in c.get_segments())
+
+
+def _overlapping_labels(ax):
+    """Pairs of label texts on ``ax`` whose boxes overlap (after a full draw)."""
+    ax.figure.canvas.draw()
+    boxes = label_boxes(ax)
+    texts = [t.get_text() for t in ax.texts if t.get_visible() and t.get_text()]
+    return [(texts[i], texts[j]) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+            if boxes[i].overlaps(boxes[j])]
+
+
+def crowded_strategies():
+    """Rows as `compare` writes them where labels used to collide (the L2C and DyDiT points)."""
+    rows = [("static", "10 steps", None, 1.1, 16.0, 0.96), ("static", "20 steps", None, 2.2, 8.3, 0.953),
+            ("static", "50 steps", None, 5.5, 6.2, 0.943),
+            ("caching", "L2C 0.9", "l2c:0.9", 3.45, 9.8, 0.944), ("caching", "L2C 0.5", "l2c:0.5", 3.9, 9.1, 0.943),
+            ("caching", "L2C 0.1", "l2c:0.1", 4.15, 8.9, 0.944),
+            ("DyDiT", "lambda = 0.5", None, 3.0, 13.9, 0.921), ("DyDiT", "lambda = 0.7", None, 3.95, 10.3, 0.944),
+            ("DyDiT + fewer steps", "lambda = 0.5, 20 steps", None, 1.2, 17.9, 0.935),
+            ("DyDiT + caching", "lambda = 0.5 + ToCa 30% every 3", "toca:0.3,interval=3", 1.3, 16.2, 0.934),
+            ("DyDiT + caching", "lambda = 0.5 + FORA N = 2", "fora:2", 1.45, 19.0, 0.922)]
+    table = pd.DataFrame(rows, columns=["strategy", "setting", "cache", "gflops_per_image", "fd_lenet", "accuracy"])
+    table["series"] = [series_name(f, c) for f, c in zip(table["strategy"], table["cache"])]
+    table["seconds_per_image"] = table["gflops_per_image"] / 50
+    table["fd_lenet_lo"], table["fd_lenet_hi"] = table["fd_lenet"] * 0.9, table["fd_lenet"] * 1.12
+    table["accuracy_lo"], table["accuracy_hi"] = table["accuracy"] - 0.004, table["accuracy"] + 0.003
+    table.loc[0, ["fd_lenet_lo", "fd_lenet_hi", "accuracy_lo", "accuracy_hi"]] = float("nan")  # a row without
+    return table
+
+
+def test_plot_strategies_draws_each_rows_interval_and_keeps_labels_apart():
+    table = crowded_strategies()
+    fig = plot_strategies(table)
+    with_interval = table.dropna(subset=["fd_lenet_lo"])
+    for ax, metric in zip(fig.axes, ("fd_lenet", "fd_lenet", "accuracy", "accuracy")):
+        expected = sorted(zip(with_interval[f"{metric}_lo"], with_interval[f"{metric}_hi"]))
+        assert np.allclose(_interval_segments(ax), expected) and len(_interval_segments(ax)) == len(expected)
+        assert _overlapping_labels(ax) == []
+        assert not any("lambda" in t.get_text() for t in ax.texts)
+    assert "λ = 0.5, 20 steps" in [t.get_text() for t in fig.axes[2].texts]  # DyDiT families labelled
+    assert any("95 % bootstrap interval" in t.get_text() for t in fig.legends[0].get_texts())
+    # Labels avoid the lines: none crosses a series or the Pareto front here, where there is room.
+    segments, weights = _segments(fig.axes[0], fig.dpi / 72)
+    boxes = np.array([b.extents for b in label_boxes(fig.axes[0])])
+    assert _crossings(boxes, segments[weights == LINE]).sum() == 0
+
+
+def test_plot_quality_vs_flops_draws_intervals_and_separates_labels_at_one_point():
+    table = pd.DataFrame({"name": ["DiT-lab-S", "DyDiT-lab-L-0.5", "DiT-lab-L", "FlexiDiT-lab-L-adapters"],
+                          "gflops_per_step": [0.015, 0.057, 0.111, 0.111], "fd_lenet": [16.1, 13.9, 6.2, 6.2],
+                          "fd_lenet_lo": [15.0, 13.0, 5.8, None], "fd_lenet_hi": [17.0, 15.0, 6.7, None],
+                          "accuracy": [0.903, 0.921, 0.943, 0.943]})
+    fig = plot_quality_vs_flops(table)
+    assert _interval_segments(fig.axes[0]) == [(5.8, 6.7), (13.0, 15.0), (15.0, 17.0)]
+    assert _interval_segments(fig.axes[1]) == []  # no accuracy intervals in the rows: no bars
+    assert "95 % bootstrap intervals" in fig.get_suptitle()
+    for ax in fig.axes:
+        assert len(ax.texts) == 4 and _overlapping_labels(ax) == []
+
+
+def test_place_labels_keeps_labels_off_a_line_through_their_points():
+    fig, ax = plt.subplots(figsize=(4, 3))
+    x = np.arange(8.0)
+    ax.plot(x, np.ones(8), "o-")
+    place_labels(ax, list(zip(x, np.ones(8))), [f"point {i}" for i in range(8)])
+    segments, _ = _segments(ax, fig.dpi / 72)
+    boxes = np.array([b.extents for b in label_boxes(ax)])
+    assert len(boxes) == 8 and _overlapping_labels(ax) == []
+    assert _crossings(boxes, segments).sum() == 0
+    assert place_labels(ax, [(float("nan"), 1.0)], ["nowhere"]) == []  # no finite point, no label
+
+
+def test_strategy_samples_titles_print_lambda_as_a_letter(monkeypatch):
+    strategy = SimpleNamespace(name="DyDiT: lambda = 0.5", steps=2, model=lambda *_: None)
+    monkeypatch.setattr(figures, "select", lambda names: [strategy, strategy])
+    monkeypatch.setattr(figures, "generate",
+                        lambda model, num, **_: (torch.zeros(num, 1, 8, 8), torch.arange(num) % 10))
+    fig = figures.strategy_samples_figure(num=10)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["DyDiT: λ = 0.5"] * 2
+    assert not any("lambda" in str(v) for v in figures.PAPER_V100["label"])

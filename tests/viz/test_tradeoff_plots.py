@@ -1,15 +1,18 @@
-"""The trade-off figure: DyDiT medians with seed ranges, reference lines, control points."""
+"""The trade-off figure: DyDiT medians with seed ranges and interval bands, reference lines with
+interval bars, control points, labels kept apart."""
 
 import matplotlib
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from dydit_lab.analysis.tradeoff import seed_summary  # noqa: E402
-from dydit_lab.viz.tradeoff_plots import plot_loss_ratios, plot_recipe_curves, plot_tradeoff  # noqa: E402
+from dydit_lab.viz.labels import label_boxes  # noqa: E402
+from dydit_lab.viz.tradeoff_plots import BAND, plot_loss_ratios, plot_recipe_curves, plot_tradeoff  # noqa: E402
 
 
 def test_plot_tradeoff_draws_ranges_references_and_controls():
@@ -70,3 +73,57 @@ def test_plot_recipe_curves_labels_seed_counts_and_each_k():
     segments = fd_axes.containers[0].lines[2][1].get_segments()  # the two-seed curve's FD bars, by compute
     assert sorted(tuple(s[:, 1]) for s in segments) == [(6.0, 8.0), (15.0, 30.0)]
     plt.close(fig)
+
+
+def _overlapping_labels(ax):
+    """Pairs of label texts on ``ax`` whose boxes overlap (after a full draw)."""
+    ax.figure.canvas.draw()
+    boxes = label_boxes(ax)
+    texts = [t.get_text() for t in ax.texts if t.get_visible() and t.get_text()]
+    return [(texts[i], texts[j]) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+            if boxes[i].overlaps(boxes[j])]
+
+
+def _interval_segments(ax, wide: bool):
+    """(lo, hi) of the 95 % interval bars on ``ax``: the light bands (``wide``) or the thin bars."""
+    return sorted((float(s[0, 1]), float(s[1, 1])) for c in ax.collections if c.get_gid() == "interval"
+                  and (c.get_linewidth()[0] >= BAND["lw"]) == wide for s in c.get_segments())
+
+
+def test_plot_tradeoff_draws_intervals_of_single_runs_and_median_runs_and_keeps_labels_apart():
+    # λ 0.7 and 0.8 sit close (their labels used to collide), λ 0.4 and 0.6 on the reference line.
+    lams, fds = (0.4, 0.5, 0.6, 0.7, 0.8), (16.0, 13.0, 10.5, 10.2, 8.8)
+    runs = pd.DataFrame([{"target_ratio": lam, "train_seed": s, "fd_lenet": fd + s, "fd_lenet_lo": fd + s - 1,
+                          "fd_lenet_hi": fd + s + 1.5, "accuracy": 0.91 + lam / 20 + s / 1000,
+                          "accuracy_lo": 0.9 + lam / 20, "accuracy_hi": 0.92 + lam / 20,
+                          "gflops_per_image": 5.5 * lam + s / 100, "block_flops_fraction": lam}
+                         for lam, fd in zip(lams, fds) for s in ((0, 1, 2) if lam != 0.5 else (0, 1))])
+    static = pd.DataFrame({"gflops_per_image": [1.1, 2.2, 3.3, 5.5], "fd_lenet": [16.1, 10.2, 9.9, 6.2],
+                           "fd_lenet_lo": [15.0, 9.5, 9.0, 5.9], "fd_lenet_hi": [17.5, 11.0, 10.8, 6.6],
+                           "accuracy": [0.96, 0.953, 0.947, 0.943]})
+    summary = seed_summary(runs)
+    control = seed_summary(runs[(runs.target_ratio == 0.4) & (runs.train_seed == 0)].assign(target_ratio=1.0))
+    fig = plot_tradeoff(summary, references={"parent, 10/20/30/50 steps": static},
+                        controls={"no routers, lambda = 1": control})
+    fd_axes, acc_axes = fig.axes
+    assert _interval_segments(fd_axes, wide=False) == sorted([(15.0, 17.5), (9.5, 11.0), (9.0, 10.8), (5.9, 6.6)])
+    assert _interval_segments(acc_axes, wide=False) == []  # the reference rows carry no accuracy interval
+    # Bands: each odd-count median's run (seed 1: fd + 1), none for λ = 0.5's two runs, the control's one run.
+    medians = [(fd + 1 - 1, fd + 1 + 1.5) for lam, fd in zip(lams, fds) if lam != 0.5]
+    bands = _interval_segments(fd_axes, wide=True)
+    expected = sorted(medians + [(15.0, 17.5)])
+    assert len(bands) == len(expected) and np.allclose(bands, expected)
+    for ax in fig.axes:
+        assert _overlapping_labels(ax) == []
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "no routers, λ = 1" in legend and any("median run's 95 %" in t for t in legend)
+    assert "λ" in fig.get_suptitle() and "95 % bootstrap" in fig.get_suptitle()
+    assert not any("lambda" in t for t in legend + [t.get_text() for ax in fig.axes for t in ax.texts])
+
+
+def test_plot_recipe_curves_bands_a_single_seed_recipe_with_its_run_interval():
+    runs = pd.DataFrame({"coarse_steps": [0, 24], "fd_lenet": [6.0, 15.0], "fd_lenet_lo": [5.5, 13.0],
+                         "fd_lenet_hi": [6.8, 17.0], "accuracy": [0.94, 0.9], "gflops_per_image": [5.5, 3.5]})
+    fig = plot_recipe_curves({"rank 8": seed_summary(runs, by="coarse_steps")})
+    assert _interval_segments(fig.axes[0], wide=True) == [(5.5, 6.8), (13.0, 17.0)]
+    assert _interval_segments(fig.axes[1], wide=True) == []
