@@ -19,7 +19,7 @@ from matplotlib.cbook import STEP_LOOKUP_MAP
 from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.text import Annotation
 
-__all__ = ["place_labels", "label_boxes"]
+__all__ = ["place_labels", "label_boxes", "overlapping_labels"]
 
 RADII = (5, 9, 14, 20, 28, 38, 50, 64)  # points between the point and the label's nearest edge
 # E, NE, SE, W, NW, SW, N, S: the first directions are preferred when spots cost the same.
@@ -78,6 +78,15 @@ def label_boxes(ax: Axes, renderer=None) -> list:
     renderer = renderer or ax.figure.canvas.get_renderer()
     return [super(Annotation, t).get_window_extent(renderer) if isinstance(t, Annotation)
             else t.get_window_extent(renderer) for t in ax.texts if t.get_visible() and t.get_text()]
+
+
+def overlapping_labels(ax: Axes) -> list[tuple[str, str]]:
+    """Pairs of label texts on ``ax`` whose boxes overlap, after a full draw (a check for figures)."""
+    ax.figure.canvas.draw()
+    shown = [t.get_text() for t in ax.texts if t.get_visible() and t.get_text()]
+    boxes = label_boxes(ax)
+    return [(shown[i], shown[j]) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+            if boxes[i].overlaps(boxes[j])]
 
 
 def _spots(at, width: float, height: float, scale: float) -> np.ndarray:

@@ -18,7 +18,7 @@ from dydit_lab import create_model  # noqa: E402
 from dydit_lab.analysis.loss_maps import patch_loss_maps  # noqa: E402
 from dydit_lab.evaluation.strategies import series_name  # noqa: E402
 from dydit_lab.viz import figures  # noqa: E402
-from dydit_lab.viz.labels import LINE, _crossings, _segments, label_boxes, place_labels  # noqa: E402
+from dydit_lab.viz.labels import LINE, _crossings, _segments, label_boxes, overlapping_labels, place_labels  # noqa: E402
 from dydit_lab.viz.plots import (  # noqa: E402
     plot_loss_maps,
     plot_quality_vs_flops,
@@ -112,15 +112,6 @@ def _interval_segments(ax):
                   for s in c.get_segments())
 
 
-def _overlapping_labels(ax):
-    """Pairs of label texts on ``ax`` whose boxes overlap (after a full draw)."""
-    ax.figure.canvas.draw()
-    boxes = label_boxes(ax)
-    texts = [t.get_text() for t in ax.texts if t.get_visible() and t.get_text()]
-    return [(texts[i], texts[j]) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
-            if boxes[i].overlaps(boxes[j])]
-
-
 def crowded_strategies():
     """Rows as `compare` writes them where labels used to collide (the L2C and DyDiT points)."""
     rows = [("static", "10 steps", None, 1.1, 16.0, 0.96), ("static", "20 steps", None, 2.2, 8.3, 0.953),
@@ -147,7 +138,7 @@ def test_plot_strategies_draws_each_rows_interval_and_keeps_labels_apart():
     for ax, metric in zip(fig.axes, ("fd_lenet", "fd_lenet", "accuracy", "accuracy")):
         expected = sorted(zip(with_interval[f"{metric}_lo"], with_interval[f"{metric}_hi"]))
         assert np.allclose(_interval_segments(ax), expected) and len(_interval_segments(ax)) == len(expected)
-        assert _overlapping_labels(ax) == []
+        assert overlapping_labels(ax) == []
         assert not any("lambda" in t.get_text() for t in ax.texts)
     assert "λ = 0.5, 20 steps" in [t.get_text() for t in fig.axes[2].texts]  # DyDiT families labelled
     assert any("95 % bootstrap interval" in t.get_text() for t in fig.legends[0].get_texts())
@@ -167,7 +158,7 @@ def test_plot_quality_vs_flops_draws_intervals_and_separates_labels_at_one_point
     assert _interval_segments(fig.axes[1]) == []  # no accuracy intervals in the rows: no bars
     assert "95 % bootstrap intervals" in fig.get_suptitle()
     for ax in fig.axes:
-        assert len(ax.texts) == 4 and _overlapping_labels(ax) == []
+        assert len(ax.texts) == 4 and overlapping_labels(ax) == []
 
 
 def test_place_labels_keeps_labels_off_a_line_through_their_points():
@@ -177,7 +168,7 @@ def test_place_labels_keeps_labels_off_a_line_through_their_points():
     place_labels(ax, list(zip(x, np.ones(8))), [f"point {i}" for i in range(8)])
     segments, _ = _segments(ax, fig.dpi / 72)
     boxes = np.array([b.extents for b in label_boxes(ax)])
-    assert len(boxes) == 8 and _overlapping_labels(ax) == []
+    assert len(boxes) == 8 and overlapping_labels(ax) == []
     assert _crossings(boxes, segments).sum() == 0
     assert place_labels(ax, [(float("nan"), 1.0)], ["nowhere"]) == []  # no finite point, no label
 

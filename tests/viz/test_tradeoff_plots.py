@@ -11,7 +11,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from dydit_lab.analysis.tradeoff import seed_summary  # noqa: E402
-from dydit_lab.viz.labels import label_boxes  # noqa: E402
+from dydit_lab.viz.labels import overlapping_labels  # noqa: E402
 from dydit_lab.viz.tradeoff_plots import BAND, plot_loss_ratios, plot_recipe_curves, plot_tradeoff  # noqa: E402
 
 
@@ -75,15 +75,6 @@ def test_plot_recipe_curves_labels_seed_counts_and_each_k():
     plt.close(fig)
 
 
-def _overlapping_labels(ax):
-    """Pairs of label texts on ``ax`` whose boxes overlap (after a full draw)."""
-    ax.figure.canvas.draw()
-    boxes = label_boxes(ax)
-    texts = [t.get_text() for t in ax.texts if t.get_visible() and t.get_text()]
-    return [(texts[i], texts[j]) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
-            if boxes[i].overlaps(boxes[j])]
-
-
 def _interval_segments(ax, wide: bool):
     """(lo, hi) of the 95 % interval bars on ``ax``: the light bands (``wide``) or the thin bars."""
     return sorted((float(s[0, 1]), float(s[1, 1])) for c in ax.collections if c.get_gid() == "interval"
@@ -114,7 +105,7 @@ def test_plot_tradeoff_draws_intervals_of_single_runs_and_median_runs_and_keeps_
     expected = sorted(medians + [(15.0, 17.5)])
     assert len(bands) == len(expected) and np.allclose(bands, expected)
     for ax in fig.axes:
-        assert _overlapping_labels(ax) == []
+        assert overlapping_labels(ax) == []
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "no routers, λ = 1" in legend and any("median run's 95 %" in t for t in legend)
     assert "λ" in fig.get_suptitle() and "95 % bootstrap" in fig.get_suptitle()
