@@ -129,9 +129,13 @@ def stroke_share_summary(traces: Mapping[str, RoutingTrace], bins: int = 4, thre
     return pd.DataFrame(rows)
 
 
-def spaced_steps(trace: RoutingTrace, count: int = 8) -> list[int]:
-    """``count`` sampling-step indices evenly spread from the first (noisiest) to the last."""
-    total = len(trace.timesteps)
+def spread(total: int, count: int) -> list[int]:
+    """Up to ``count`` indices spread evenly over ``range(total)``, first and last included."""
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    return sorted({int(s) for s in np.linspace(0, total - 1, min(count, total)).round()})
+    return sorted({int(i) for i in np.linspace(0, total - 1, min(count, total)).round()})
+
+
+def spaced_steps(trace: RoutingTrace, count: int = 8) -> list[int]:
+    """``count`` sampling-step indices evenly spread from the first (noisiest) to the last."""
+    return spread(len(trace.timesteps), count)

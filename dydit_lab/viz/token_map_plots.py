@@ -13,16 +13,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure, SubFigure
 
 from ..analysis.routing import RoutingTrace
-from ..analysis.token_maps import keep_maps, spaced_steps, stroke_share_summary, token_stroke_share
+from ..analysis.token_maps import keep_maps, spaced_steps, spread, stroke_share_summary, token_stroke_share
 from .plots import LABEL_SIZE, PALETTE, T_LABEL, TICK_SIZE, TITLE_SIZE, _axes, _image_array, _style, display_name
 
 KEEP_CMAP = "viridis"  # perceptually uniform; its dark end lets a white stroke show through
 KEEP_ALPHA = 0.5
-
-
-def _spread(total: int, count: int) -> list[int]:
-    """Up to ``count`` indices spread evenly over ``range(total)``, first and last included."""
-    return sorted({int(i) for i in np.linspace(0, total - 1, min(count, total)).round()})
 
 
 def plot_token_map_grid(trace: RoutingTrace, samples: Sequence[int] | None = None, steps: int | Sequence[int] = 8,
@@ -32,7 +27,7 @@ def plot_token_map_grid(trace: RoutingTrace, samples: Sequence[int] | None = Non
     sample's final image in grey under that step's keep map: the share of blocks that keep
     each token (``layer=None``) or whether block ``layer`` keeps it."""
     maps = keep_maps(trace, layer).numpy()  # checks the trace and the layer
-    samples = _spread(maps.shape[1], 4) if samples is None else list(samples)
+    samples = spread(maps.shape[1], 4) if samples is None else list(samples)
     steps = spaced_steps(trace, steps) if isinstance(steps, int) else list(steps)
     if not samples or not steps:
         raise ValueError("need at least one sample and one step to show")
@@ -86,7 +81,7 @@ def plot_stroke_keep(shares: Mapping[str, pd.DataFrame], ax: Axes | None = None,
 
 def _grid_size(trace: RoutingTrace, samples, steps) -> tuple[float, float]:
     """(width, height) in inches of :func:`plot_token_map_grid`'s panels for ``trace``."""
-    rows = len(samples) if samples is not None else len(_spread(len(trace.labels), 4))
+    rows = len(samples) if samples is not None else len(spread(len(trace.labels), 4))
     cols = min(steps, len(trace.timesteps)) if isinstance(steps, int) else len(steps)
     return 1.3 * cols + 1.6, 1.3 * rows + 0.9
 
