@@ -109,8 +109,10 @@ def test_03_records_the_keep_rates_of_a_latent_sampling_run(notebook03, checkpoi
 
 
 def test_03_draws_its_figures_and_the_explorer(notebook03):
-    images = pngs(notebook03)  # width schedule, router schedules, the explorer's static view
-    assert len(images) == 3 and all(min(i.size) > 300 for i in images)
+    # width schedule, router schedules, token maps over the decoded samples, keep rate on bright
+    # vs dark cells, the explorer's static view
+    images = pngs(notebook03)
+    assert len(images) == 5 and all(min(i.size) > 300 for i in images)
     state = notebook03.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
     shown = [o for w in state.values() if w["model_name"] == "OutputModel" for o in w["state"]["outputs"]]
     assert len(shown) == 1 and "image/png" in shown[0]["data"]  # the dashboard inside the widget
