@@ -33,7 +33,7 @@ def plot_token_map_grid(trace: RoutingTrace, samples: Sequence[int] | None = Non
         raise ValueError("need at least one sample and one step to show")
     H, W = trace.samples.shape[-2:]
     if fig is None:
-        fig = plt.figure(figsize=(1.3 * len(steps) + 1.6, 1.3 * len(samples) + 0.9), layout="constrained")
+        fig = plt.figure(figsize=_grid_size(trace, samples, steps), layout="constrained")
     grid = fig.subplots(len(samples), len(steps), squeeze=False)
     for row, sample in zip(grid, samples):
         image = _image_array(trace.samples[sample])
