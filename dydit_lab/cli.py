@@ -151,11 +151,12 @@ def cmd_bench(args):
             raise ValueError("--profile is one pass at one --batch-size; --runs and --sweep-batch are for timing")
         result = (profile_checkpoint(load_model(args.checkpoint, device=resolve_device(args.device)),
                                      batch_size=args.batch_size, steps=args.steps, seed=args.seed, device=args.device,
-                                     threads=args.threads, name=os.path.splitext(os.path.basename(args.checkpoint))[0])
+                                     threads=args.threads, name=os.path.splitext(os.path.basename(args.checkpoint))[0],
+                                     kind=args.profile, repeats=args.repeats)
                   if args.checkpoint else
                   run_profile(args.arch, input_size=args.input_size, target_ratio=args.target_ratio,
                               batch_size=args.batch_size, steps=args.steps, device=args.device, seed=args.seed,
-                              threads=args.threads))
+                              threads=args.threads, kind=args.profile, repeats=args.repeats))
         print(describe_profile(result))
     elif args.checkpoint:
         batches = parse_batch_list(args.sweep_batch or str(args.batch_size))
@@ -337,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="CSV name for --sweep-batch (default from arch/device/target)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--profile", action="store_true",
-                   help="instead of timing: where the time goes (torch.profiler, op categories)")
+    p.add_argument("--profile", nargs="?", const="ops", choices=("ops", "stages"),
+                   help="instead of timing, where the time goes: ops (torch.profiler) or stages (wall clock)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("flexi-finetune", help="fine-tune a DiT into a FlexiDiT (extra coarse patch)")
     _add_dataclass_flags(p, FlexiFinetuneConfig)

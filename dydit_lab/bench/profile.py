@@ -1,7 +1,8 @@
 """Where the time goes: a ``torch.profiler`` pass of the static DiT and the sliced DyDiT on the
 benchmark's inputs, with each op's self time grouped into a few categories (matmuls, attention,
 token gather/scatter, norms and elementwise, the rest), so the gap between the measured and the
-ideal speed-up can be attributed.
+ideal speed-up can be attributed; or, with ``kind="stages"``, the wall-clock time of each stage
+of the forward (:mod:`.stages`).
 
 ``python -m dydit_lab bench --arch DiT-XL/2 --batch-size 8 --profile``
 ``python -m dydit_lab bench --checkpoint data/checkpoints/DyDiT-lab-L-0.5.pt --batch-size 100 --steps 50 --profile``
@@ -17,6 +18,7 @@ from ..models.dydit import CompleteModel, DyDiT
 from ..paths import resolve_device
 from .checkpoint import own_run, trace_inputs
 from .setup import prepare_bench
+from .stages import describe_stages, stage_breakdown
 from .workload import BenchInputs
 
 # Category of an op by its name (first match wins); anything else is "other".
@@ -64,32 +66,43 @@ def profile_pass(fn, inputs: BenchInputs, device: torch.device, top: int = 12) -
                          "share": e.self_cpu_time_total / total} for e in ops]}
 
 
-def profile_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, device: torch.device, top: int = 12) -> dict:
-    """:func:`profile_pass` of the static DiT and of the sliced DyDiT (routers already set)."""
+PROFILE_KINDS = ("ops", "stages")
+
+
+def profile_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, device: torch.device, top: int = 12,
+                  kind: str = "ops", repeats: int = 3) -> dict:
+    """Where the static DiT's and the sliced DyDiT's time goes (routers already set):
+    ``kind="ops"``, :func:`profile_pass` of each (op self times by category); ``"stages"``,
+    :func:`.stages.stage_breakdown` (wall-clock time of each stage, ``repeats`` passes)."""
+    if kind not in PROFILE_KINDS:
+        raise ValueError(f"profile kind must be one of {PROFILE_KINDS}, got {kind!r}")
+    if kind == "stages":
+        return stage_breakdown(dit, dydit, inputs, device, repeats)
     dit.eval(), dydit.eval()
     dydit.execution = "sliced"
-    return {"static": profile_pass(dit, inputs, device, top),
+    return {"kind": "ops", "static": profile_pass(dit, inputs, device, top),
             "sliced": profile_pass(lambda x, t, y: dydit(x, t, y), inputs, device, top)}
 
 
 def run_profile(arch: str, input_size: int = 32, target_ratio: float = 0.5, batch_size: int = 8,
                 steps: int = 2, device: str = "auto", seed: int = 0, threads: int | None = None,
-                top: int = 12) -> dict:
+                top: int = 12, kind: str = "ops", repeats: int = 3) -> dict:
     """Build the benchmark's models (routers set for ``target_ratio``) and profile both paths."""
     bench = prepare_bench(arch, input_size, target_ratio, batch_size, steps, resolve_device(device), seed,
                           threads=threads)
-    result = profile_paths(bench.dit, bench.dydit, bench.inputs, bench.device, top)
+    result = profile_paths(bench.dit, bench.dydit, bench.inputs, bench.device, top, kind, repeats)
     return {"arch": arch, "batch_size": batch_size, "steps": steps, "target_ratio": target_ratio,
             "num_threads": torch.get_num_threads(), "device": str(bench.device), **result}
 
 
 def profile_checkpoint(model: DyDiT, batch_size: int = 4, steps: int = 20, seed: int = 0, device="auto",
-                       threads: int | None = None, top: int = 12, name: str | None = None) -> dict:
+                       threads: int | None = None, top: int = 12, name: str | None = None,
+                       kind: str = "ops", repeats: int = 3) -> dict:
     """Profile a trained DyDiT's sliced path against its complete model (every gate on) on the
     inputs of its own DDIM run (``steps`` steps, ``batch_size`` images, labels 0, 1, ...), the
     workload :func:`.checkpoint.checkpoint_speedup` times."""
     model, device, trace = own_run(model, batch_size, steps, seed, device, threads, purpose="a profile")
-    result = profile_paths(CompleteModel(model), model, trace_inputs(trace, device), device, top)
+    result = profile_paths(CompleteModel(model), model, trace_inputs(trace, device), device, top, kind, repeats)
     return {"arch": name or model.arch or "DyDiT", "batch_size": batch_size, "steps": steps,
             "flops_fraction": trace.mean_flops_fraction, "num_threads": torch.get_num_threads(),
             "device": str(device), **result}
@@ -101,6 +114,8 @@ def describe_profile(result: dict) -> str:
                else f"FLOPs fraction {result['flops_fraction']:.3f}")  # a checkpoint routes as trained
     lines = [f"{result['arch']}, batch {result['batch_size']}, {result['steps']} steps, "
              f"{setting}, {result['num_threads']} thread(s), {result['device']}"]
+    if result["kind"] == "stages":
+        return "\n".join(lines + [describe_stages(result)])
     for path in ("static", "sliced"):
         part = result[path]
         shares = ", ".join(f"{name} {share:.0%}" for name, share in part["categories"].items())

@@ -64,9 +64,13 @@ class Attention(nn.Module):
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """Per-head attention output, shape (B, heads, N, head_dim), before ``proj``."""
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        return self.attend(self.qkv(x))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention of a fused qkv tensor (B, N, 3 * h * head_dim) with any number of heads h
+        (a sliced DyDiT passes its active heads only): (B, h, N, head_dim)."""
+        B, N, _ = qkv.shape
+        q, k, v = qkv.reshape(B, N, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return F.scaled_dot_product_attention(q, k, v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,12 +159,24 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=1)
-        )
-        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
-        x = gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        return x
+        # 1. adaLN-Zero: shift, scale and gate of both branches, per sample
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
+        # 2. attention branch: x + gate * attn(modulated norm1(x))
+        x = gated_residual(x, gate_msa, self.attn(self.attention_input(x, shift_msa, scale_msa)))
+        # 3. MLP branch: x + gate * mlp(modulated norm2(x))
+        return gated_residual(x, gate_mlp, self.mlp(self.mlp_input(x, shift_mlp, scale_mlp)))
+
+    # The stages are methods so that ``bench --breakdown`` can time each one on its own.
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(shift, scale, gate) of the attention branch, then of the MLP branch: six (B, C)."""
+        return self.adaLN_modulation(c).chunk(6, dim=1)
+
+    def attention_input(self, x, shift, scale):
+        return modulate(self.norm1(x), shift, scale)
+
+    def mlp_input(self, x, shift, scale):
+        return modulate(self.norm2(x), shift, scale)
 
 
 class FinalLayer(nn.Module):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dit import DiTBlock, gated_residual, modulate
+from .dit import DiTBlock, gated_residual
 from .routers import TokenRouter, WidthRouter
 
 SLICE_CACHE_SIZE = 16  # widths kept per block (consecutive steps mostly share one)
@@ -49,15 +49,14 @@ class DyDiTBlock(DiTBlock):
 
     def forward_masked(self, x, c, t_emb):
         """Full-width computation multiplied by the gates. Returns (x, heads, groups, tokens)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
         heads, groups = self.attn_rate(t_emb), self.mlp_rate(t_emb)
         B, N, C = x.shape
-        per_head = self.attn.heads(modulate(self.norm1(x), shift_msa, scale_msa))
+        per_head = self.attn.heads(self.attention_input(x, shift_msa, scale_msa))
         per_head = per_head * heads[:, :, None, None]
         x = gated_residual(x, gate_msa, self.attn.proj(per_head.transpose(1, 2).reshape(B, N, C)))
         tokens = self.token_selection(x)
-        hidden = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        hidden = self.mlp.fc1(self.mlp_input(x, shift_mlp, scale_mlp))
         hidden = hidden * groups.repeat_interleave(self.group_size, dim=1).unsqueeze(1)
         mlp_out = self.mlp.fc2(self.mlp.act(hidden))
         x = gated_residual(x, gate_mlp, tokens.unsqueeze(-1) * mlp_out)
@@ -99,36 +98,46 @@ class DyDiTBlock(DiTBlock):
     def forward_sliced(self, x, c, heads: tuple[int, ...], groups: tuple[int, ...]):
         """Run only ``heads`` and MLP ``groups`` (shared by the whole sub-batch) and the MLP only
         on the tokens the SDT router keeps. Returns (x, token keep mask (B, N) bool)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=1))
+        # 1. adaLN-Zero, and the weights of this width (cached)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
         w = self.sliced_weights(heads, groups)
-        B, N, C = x.shape
-        hd = self.attn.head_dim
+        # 2. attention on the active heads (none on, 2024 release: proj of zeros is its bias)
         if heads:
-            qkv = F.linear(modulate(self.norm1(x), shift_msa, scale_msa), w.qkv_w, w.qkv_b)
-            q, k, v = qkv.reshape(B, N, 3, len(heads), hd).permute(2, 0, 3, 1, 4).unbind(0)
-            attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, len(heads) * hd)
-            x = gated_residual(x, gate_msa, F.linear(attn, w.proj_w, self.attn.proj.bias))
-        else:  # every head off (2024 release: no always-on head): proj of zeros is its bias
-            x = gated_residual(x, gate_msa, self.attn.proj.bias)
-
-        # Same threshold as the masked path (sigmoid > 0.5), evaluated once per token.
-        keep = torch.sigmoid(self.token_selection.logits(x)) > 0.5
-        idx = keep.reshape(-1).nonzero().squeeze(1)  # the block's one host synchronisation
-        kept = idx.numel()
-        if kept == B * N:  # every token: the plain MLP, no gather
-            h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-            x = gated_residual(x, gate_mlp, self.sliced_mlp(h, w, groups))
-        elif kept:
-            # Only the kept rows are normalised, modulated (with their sample's shift and scale)
-            # and run through the MLP; the gated output is added back into x in place (x is
-            # this block's own tensor, made by the attention's residual above).
+            update = self.sliced_attention(self.attention_input(x, shift_msa, scale_msa), w)
+        else:
+            update = self.attn.proj.bias
+        x = gated_residual(x, gate_msa, update)
+        # 3. SDT: the tokens that run the MLP
+        keep, idx = self.route_tokens(x)
+        # 4. MLP on the active groups: every token without a gather, the kept ones gathered, none skipped
+        B, N, C = x.shape
+        if idx.numel() == B * N:
+            x = gated_residual(x, gate_mlp, self.sliced_mlp(self.mlp_input(x, shift_mlp, scale_mlp), w, groups))
+        elif idx.numel():
+            # The gated output is added back into x in place (x is this block's own tensor,
+            # made by the attention's residual above).
             sample = torch.div(idx, N, rounding_mode="floor")
-            rows = self.norm2(x.reshape(B * N, C).index_select(0, idx))
-            h = torch.addcmul(shift_mlp.index_select(0, sample), rows, (1 + scale_mlp).index_select(0, sample))
+            h = self.kept_mlp_input(x, idx, sample, shift_mlp, scale_mlp)
             out = self.sliced_mlp(h, w, groups) * gate_mlp.index_select(0, sample)
             x = x.reshape(B * N, C).index_add_(0, idx, out).view(B, N, C)
         return x, keep
+
+    def sliced_attention(self, h, w: _SlicedWeights):
+        """Attention of the heads ``w`` was sliced for, through their part of ``proj``."""
+        per_head = self.attn.attend(F.linear(h, w.qkv_w, w.qkv_b))
+        return F.linear(per_head.transpose(1, 2).flatten(2), w.proj_w, self.attn.proj.bias)
+
+    def route_tokens(self, x):
+        """SDT's keep mask (B, N) bool, with the masked path's threshold (sigmoid > 0.5), and the
+        flat indices of the kept tokens (``nonzero``: the block's one host synchronisation)."""
+        keep = torch.sigmoid(self.token_selection.logits(x)) > 0.5
+        return keep, keep.reshape(-1).nonzero().squeeze(1)
+
+    def kept_mlp_input(self, x, idx, sample, shift, scale):
+        """norm2 and modulation of the kept tokens only: rows ``idx`` of the flattened x, each
+        with the shift and scale of its ``sample``."""
+        rows = self.norm2(x.reshape(-1, x.shape[-1]).index_select(0, idx))
+        return torch.addcmul(shift.index_select(0, sample), rows, (1 + scale).index_select(0, sample))
 
     def sliced_mlp(self, h, w: _SlicedWeights, groups: tuple[int, ...]):
         """The MLP on the active ``groups`` only (``w``: :meth:`sliced_weights` of this width);
