@@ -51,23 +51,32 @@ def stage_summary(results: Sequence[dict]) -> pd.DataFrame:
 
 
 def plot_stage_breakdown(results: Sequence[dict]) -> Figure:
-    """One panel per breakdown: milliseconds per sampling step of each stage, static vs sliced
-    vs the stage ideal (horizontal bars, stages top to bottom in forward order)."""
+    """One column per breakdown. Top: milliseconds per sampling step of each stage, static vs
+    sliced vs the stage ideal (log scale, so small stages show). Bottom: what the sliced pass
+    loses (right, red) or gains (left, light blue) against the stage ideal, stage by stage."""
     if not results:
         raise ValueError("no stage breakdowns to plot")
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.6), layout="constrained",
-                             squeeze=False)
-    for ax, result in zip(axes[0], results):
+    fig, axes = plt.subplots(2, len(results), figsize=(5.4 * len(results), 7.6), layout="constrained",
+                             squeeze=False, sharey=True, height_ratios=(3, 2))
+    for column, result in enumerate(results):
         rows = result["stages"]
         y = np.arange(len(rows))
+        ax_time, ax_gap = axes[0][column], axes[1][column]
         height = 0.8 / len(PATHS)
         for i, (key, label, colour) in enumerate(PATHS):
-            ax.barh(y + (i - 1) * height, [row[key] for row in rows], height, color=colour, label=label)
-        ax.set_yticks(y, [row["stage"] for row in rows])
-        ax.invert_yaxis()
-        ax.set_xlabel("ms per sampling step", fontsize=LABEL_SIZE)
-        ax.set_title(f"{setting_label(result)}\nof FLOPs ideal {result['efficiency']:.2f}, "
-                     f"stage ceiling {result['stage_ceiling']:.2f}", fontsize=TITLE_SIZE - 1)
-        _style(ax)
+            ax_time.barh(y + (i - 1) * height, [row[key] for row in rows], height, color=colour, label=label)
+        ax_time.set_xscale("log")
+        ax_time.set_xlabel("ms per sampling step (log scale)", fontsize=LABEL_SIZE)
+        ax_time.set_title(f"{setting_label(result)}\nof FLOPs ideal {result['efficiency']:.2f}, "
+                          f"stage ceiling {result['stage_ceiling']:.2f}", fontsize=TITLE_SIZE - 1)
+        excess = [row["sliced_ms"] - row["ideal_ms"] for row in rows]
+        ax_gap.barh(y, excess, 0.6, color=[PALETTE[3] if e > 0 else PALETTE[9] for e in excess])
+        ax_gap.axvline(0, color="0.3", lw=0.8)
+        ax_gap.set_xlabel("sliced - stage ideal (ms per step)", fontsize=LABEL_SIZE)
+        ax_gap.set_title(f"sliced pass {result['of_stage_ideal']:.2f} of the stage ideal", fontsize=TITLE_SIZE - 1)
+        for ax in (ax_time, ax_gap):
+            ax.set_yticks(y, [row["stage"] for row in rows])
+            _style(ax)
+    axes[0][0].invert_yaxis()  # shared y: forward order top to bottom in every panel
     axes[0][0].legend(fontsize=LABEL_SIZE - 2, loc="lower right")
     return fig

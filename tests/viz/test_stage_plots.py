@@ -40,13 +40,20 @@ def test_a_checkpoint_breakdown_is_labelled_by_its_name():
 def test_one_panel_per_breakdown_with_a_bar_per_path_and_stage(folder):
     results = load_stage_breakdowns(folder)
     fig = plot_stage_breakdown(results)
-    assert len(fig.axes) == 2
-    for ax, result in zip(fig.axes, results):
+    assert len(fig.axes) == 4
+    top, bottom = fig.axes[:2], fig.axes[2:]
+    for ax_time, ax_gap, result in zip(top, bottom, results):
+        rows = result["stages"]
+        for ax in (ax_time, ax_gap):
+            assert len(ax.get_yticks()) == len(STAGE_SCALING)
+        assert len(ax_time.patches) == 3 * len(STAGE_SCALING) and ax_time.get_xscale() == "log"
+        assert [p.get_width() for p in ax_time.containers[1]] == pytest.approx([r["sliced_ms"] for r in rows])
+        assert "stage ceiling" in ax_time.get_title()
+        # The lower panel: the sliced pass minus the stage ideal, per stage.
+        gaps = [p.get_width() for p in ax_gap.containers[0]]
+        assert gaps == pytest.approx([r["sliced_ms"] - r["ideal_ms"] for r in rows])
+    for ax in (top[0], bottom[0]):  # the stage names, on the shared y axis of the first column
         assert [t.get_text() for t in ax.get_yticklabels()] == list(STAGE_SCALING)
-        assert len(ax.patches) == 3 * len(STAGE_SCALING)
-        sliced = sorted(p.get_width() for p in ax.containers[1])
-        assert sliced == pytest.approx(sorted(row["sliced_ms"] for row in result["stages"]))
-        assert "stage ceiling" in ax.get_title()
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["static", "sliced", "stage ideal"]
 
 
