@@ -113,13 +113,12 @@ def token_stroke_share(trace: RoutingTrace, threshold: float = STROKE_THRESHOLD,
     })
 
 
-def stroke_share_summary(traces: Mapping[str, RoutingTrace], bins: int = 4, threshold: float = STROKE_THRESHOLD,
-                         layer: int | None = None) -> pd.DataFrame:
-    """:func:`token_stroke_share` of each trace, averaged over its steps in ``bins`` equal
-    ranges of t (each step counts once), one row per trace and range, noisy end last."""
+def stroke_share_summary(shares: Mapping[str, pd.DataFrame], bins: int = 4) -> pd.DataFrame:
+    """Per-step keep rates (``shares``: name -> :func:`token_stroke_share` of a trace) averaged
+    over the steps in ``bins`` equal ranges of t (each step counts once), one row per model
+    and range, noisy end last."""
     rows = []
-    for name, trace in traces.items():
-        share = token_stroke_share(trace, threshold, layer)
+    for name, share in shares.items():
         edges = np.linspace(0, int(share["t"].max()) + 1, bins + 1).round().astype(int)
         for low, high in zip(edges[:-1], edges[1:]):
             inside = share[(share["t"] >= low) & (share["t"] < high)]

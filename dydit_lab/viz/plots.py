@@ -270,6 +270,11 @@ def interval_bars(ax: Axes, x, table: pd.DataFrame, metric: str, colour, *, lw: 
                      gid="interval", transform=shifted)
 
 
+def drawn_intervals(ax: Axes) -> list:
+    """The :func:`interval_bars` collections drawn on ``ax`` (what a legend entry describes)."""
+    return [c for c in ax.collections if c.get_gid() == "interval"]
+
+
 def interval_handle(lw: float = 1.2, alpha: float = 0.45) -> Line2D:
     """A legend entry for :func:`interval_bars` (grey: each series draws its own colour)."""
     return Line2D([], [], color="0.35", lw=lw, alpha=alpha, label="95 % bootstrap interval\n(over the samples)")
@@ -318,7 +323,7 @@ def plot_strategies(table: pd.DataFrame) -> Figure:
                ("accuracy", "class accuracy (higher is better)", True)]
     series = table["series"] if "series" in table else table["strategy"]
     colours = _series_colours(series)
-    labels, bars = {}, False
+    labels = {}
     for row, (metric, metric_label, higher) in zip(axes, metrics):
         for ax, (x, x_label) in zip(row, panels):
             front = pareto_front(list(table[x]), list(table[metric]), higher_is_better=higher)
@@ -331,7 +336,7 @@ def plot_strategies(table: pd.DataFrame) -> Figure:
                 family = group["strategy"].iloc[0]
                 ax.plot(group[x], group[metric], marker=STRATEGY_MARKERS.get(family, "D"), ms=6,
                         color=colours[name], label=display_name(name), zorder=3)
-                bars |= interval_bars(ax, group[x], group, metric, colours[name]) is not None
+                interval_bars(ax, group[x], group, metric, colours[name])
                 labels[ax].extend((r[x], r[metric], display_name(r["setting"]), colours[name])
                                   for i, r in group.iterrows()
                                   if not higher or i in on_front or family.startswith("DyDiT"))
@@ -345,7 +350,7 @@ def plot_strategies(table: pd.DataFrame) -> Figure:
             ax.grid(alpha=0.3)
             _style(ax)
     handles, names = axes[0][0].get_legend_handles_labels()
-    if bars:
+    if any(drawn_intervals(ax) for ax in axes.flat):
         handles.append(interval_handle())
         names.append(handles[-1].get_label())
     fig.legend(handles, names, title="strategy", loc="outside right center", fontsize=8)

@@ -109,5 +109,6 @@ def token_maps_figure(traces: Mapping[str, RoutingTrace], samples: Sequence[int]
     fig = plt.figure(figsize=(max(w for w, _ in sizes), grids + 4.0), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[grids, 4.0])
     plot_token_map_grids(traces, samples, steps, fig=top)
-    plot_stroke_keep({name: token_stroke_share(trace) for name, trace in traces.items()}, ax=bottom.subplots())
-    return fig, stroke_share_summary(traces)
+    shares = {name: token_stroke_share(trace) for name, trace in traces.items()}
+    plot_stroke_keep(shares, ax=bottom.subplots())
+    return fig, stroke_share_summary(shares)

@@ -18,7 +18,8 @@ from matplotlib.lines import Line2D
 from ..analysis.loss_gap import loss_gap
 from .gap_plots import _plain_log_ticks
 from .labels import place_labels
-from .plots import LABEL_SIZE, PALETTE, TITLE_SIZE, _axes, _style, display_name, interval_bars, interval_handle
+from .plots import (LABEL_SIZE, PALETTE, TITLE_SIZE, _axes, _style, display_name, drawn_intervals, interval_bars,
+                    interval_handle)
 
 PANELS = (("fd_lenet", "FD-LeNet (lower is better)"), ("accuracy", "class accuracy (higher is better)"))
 BAND = dict(lw=4, alpha=0.25)  # the median run's 95 % interval behind a median's seed range
@@ -108,7 +109,7 @@ def _legend_and_title(fig: Figure, title: str) -> None:
     interval bars and bands mean where the first panel draws any), and the title."""
     ax = fig.axes[0]
     handles, labels = ax.get_legend_handles_labels()
-    drawn = [c for c in ax.collections if c.get_gid() == "interval"]
+    drawn = drawn_intervals(ax)
     if any(c.get_linewidth()[0] < BAND["lw"] for c in drawn):
         handles.append(interval_handle())
     if any(c.get_linewidth()[0] >= BAND["lw"] for c in drawn):

@@ -120,7 +120,7 @@ def test_bad_input_is_refused(traces):
 
 def test_summary_averages_the_steps_of_each_range_of_t():
     trace, _ = two_digits()  # t = 999 (strokes only), 500 (all), 0 (none)
-    summary = stroke_share_summary({"a": trace}, bins=2)
+    summary = stroke_share_summary({"a": token_stroke_share(trace)}, bins=2)
     assert summary["t"].tolist() == ["0-499", "500-999"] and summary["steps"].tolist() == [1, 2]
     assert summary["keep_background"].tolist() == [0, 0.5] and summary["keep_stroke"].tolist() == [0, 1]
     assert summary["model"].tolist() == ["a", "a"]
