@@ -166,16 +166,18 @@ class DiTBlock(nn.Module):
         # 3. MLP branch: x + gate * mlp(modulated norm2(x))
         return gated_residual(x, gate_mlp, self.mlp(self.mlp_input(x, shift_mlp, scale_mlp)))
 
-    # The stages are methods so that ``bench --breakdown`` can time each one on its own.
+    # The stages are methods so that ``bench --profile stages`` can time each one on its own.
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(shift, scale, gate) of the attention branch, then of the MLP branch: six (B, C)."""
         return self.adaLN_modulation(c).chunk(6, dim=1)
 
     def attention_input(self, x, shift, scale):
+        """norm1(x), modulated: what the attention reads."""
         return modulate(self.norm1(x), shift, scale)
 
     def mlp_input(self, x, shift, scale):
+        """norm2(x), modulated: what the MLP reads."""
         return modulate(self.norm2(x), shift, scale)
 
 
