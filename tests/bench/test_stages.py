@@ -133,3 +133,12 @@ def test_bench_profile_stages_command(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--arch", BENCH_ARCH, "--profile", "flame"])
     assert "invalid choice: 'flame'" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_stages_on_cuda_wait_for_their_kernels():
+    # Each stage synchronises, so a stage's time includes its kernels rather than their launch.
+    result = run_profile(BENCH_ARCH, batch_size=2, steps=2, device="cuda", kind="stages", repeats=1)
+    rows = {row["stage"]: row for row in result["stages"]}
+    assert result["device"].startswith("cuda") and rows["attention"]["sliced_ms"] > 0
+    assert sum(r["sliced_ms"] for r in result["stages"]) == pytest.approx(result["sliced_ms"])
