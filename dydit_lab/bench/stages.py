@@ -4,7 +4,8 @@ on its own in a real pass, against what it would cost if it shrank exactly with 
 
 ``torch.profiler`` sums op self times, which leave out Python between the ops and, on small
 ops, carry the profiler's own overhead; this clock times the stages as they run, so the
-stages plus "other" (residual adds, token scatter, glue) add up to the measured pass.
+stages plus "other" (the attention's residual add, unpatchify, Python between the stages) add
+up to the measured pass.
 
 ``python -m dydit_lab bench --checkpoint data/checkpoints/DyDiT-lab-L-0.5.pt --batch-size 100 --steps 50 --profile stages``
 """
@@ -26,14 +27,14 @@ from .workload import BenchInputs
 STAGE_SCALING = {
     "embedding": "fixed", "width plan": "extra", "adaLN modulation": "fixed", "norm1 + modulate": "fixed",
     "attention": "heads", "token routing": "extra", "norm2 + modulate": "tokens", "MLP": "mlp",
-    "final layer": "fixed", "other": "fixed",
+    "MLP residual": "tokens", "final layer": "fixed", "other": "fixed",
 }
 
 # (stage, attribute of a block, of its attention or MLP module, or of the model) timed for each
 _BLOCK_STAGES = (("adaLN modulation", "modulation"), ("norm1 + modulate", "attention_input"),
-                 ("norm2 + modulate", "mlp_input"))
+                 ("norm2 + modulate", "mlp_input"), ("MLP residual", "mlp_residual"))
 _SLICED_STAGES = (("attention", "sliced_attention"), ("token routing", "route_tokens"),
-                  ("norm2 + modulate", "kept_mlp_input"), ("MLP", "sliced_mlp"))
+                  ("norm2 + modulate", "kept_mlp_input"), ("MLP", "sliced_mlp"), ("MLP residual", "kept_mlp_residual"))
 
 
 @contextmanager

@@ -164,7 +164,7 @@ class DiTBlock(nn.Module):
         # 2. attention branch: x + gate * attn(modulated norm1(x))
         x = gated_residual(x, gate_msa, self.attn(self.attention_input(x, shift_msa, scale_msa)))
         # 3. MLP branch: x + gate * mlp(modulated norm2(x))
-        return gated_residual(x, gate_mlp, self.mlp(self.mlp_input(x, shift_mlp, scale_mlp)))
+        return self.mlp_residual(x, gate_mlp, self.mlp(self.mlp_input(x, shift_mlp, scale_mlp)))
 
     # The stages are methods so that ``bench --profile stages`` can time each one on its own.
 
@@ -179,6 +179,10 @@ class DiTBlock(nn.Module):
     def mlp_input(self, x, shift, scale):
         """norm2(x), modulated: what the MLP reads."""
         return modulate(self.norm2(x), shift, scale)
+
+    def mlp_residual(self, x, gate, out):
+        """x + gate * the MLP's output."""
+        return gated_residual(x, gate, out)
 
 
 class FinalLayer(nn.Module):

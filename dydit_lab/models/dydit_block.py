@@ -112,14 +112,11 @@ class DyDiTBlock(DiTBlock):
         # 4. MLP on the active groups: every token without a gather, the kept ones gathered, none skipped
         B, N, C = x.shape
         if idx.numel() == B * N:
-            x = gated_residual(x, gate_mlp, self.sliced_mlp(self.mlp_input(x, shift_mlp, scale_mlp), w, groups))
+            x = self.mlp_residual(x, gate_mlp, self.sliced_mlp(self.mlp_input(x, shift_mlp, scale_mlp), w, groups))
         elif idx.numel():
-            # The gated output is added back into x in place (x is this block's own tensor,
-            # made by the attention's residual above).
             sample = torch.div(idx, N, rounding_mode="floor")
             h = self.kept_mlp_input(x, idx, sample, shift_mlp, scale_mlp)
-            out = self.sliced_mlp(h, w, groups) * gate_mlp.index_select(0, sample)
-            x = x.reshape(B * N, C).index_add_(0, idx, out).view(B, N, C)
+            x = self.kept_mlp_residual(x, idx, sample, gate_mlp, self.sliced_mlp(h, w, groups))
         return x, keep
 
     def sliced_attention(self, h, w: _SlicedWeights):
@@ -138,6 +135,12 @@ class DyDiTBlock(DiTBlock):
         with the shift and scale of its ``sample``."""
         rows = self.norm2(x.reshape(-1, x.shape[-1]).index_select(0, idx))
         return torch.addcmul(shift.index_select(0, sample), rows, (1 + scale).index_select(0, sample))
+
+    def kept_mlp_residual(self, x, idx, sample, gate, out):
+        """x + gate * out on the kept rows ``idx`` only, added in place (x is this block's own
+        tensor, made by the attention's residual)."""
+        B, N, C = x.shape
+        return x.reshape(B * N, C).index_add_(0, idx, out * gate.index_select(0, sample)).view(B, N, C)
 
     def sliced_mlp(self, h, w: _SlicedWeights, groups: tuple[int, ...]):
         """The MLP on the active ``groups`` only (``w``: :meth:`sliced_weights` of this width);

@@ -35,7 +35,7 @@ def test_every_stage_is_reported_with_its_ideal(breakdown):
     for stage in ("token routing", "width plan"):
         assert rows[stage]["static_ms"] == 0 and rows[stage]["sliced_ms"] > 0 and rows[stage]["ideal_ms"] == 0
     for stage in ("embedding", "adaLN modulation", "norm1 + modulate", "attention", "norm2 + modulate", "MLP",
-                  "final layer"):
+                  "MLP residual", "final layer"):
         assert rows[stage]["static_ms"] > 0 and rows[stage]["sliced_ms"] > 0
 
 
