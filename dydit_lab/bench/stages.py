@@ -101,7 +101,7 @@ def stage_breakdown(dit: DiT, dydit: DyDiT, inputs: BenchInputs, device: torch.d
     totals = {"static": defaultdict(float), "sliced": defaultdict(float)}
     path = ["static"]
     forwards = {"static": lambda x, t: dit(x, t, inputs.y),
-                "sliced": lambda x, t: dydit(x, t, inputs.y, return_routing=True)[1]}
+                "sliced": lambda x, t: dydit(x, t, inputs.y, return_routing=True)}
     routings = []
     models = {id(m): m for m in (getattr(dit, "model", dit), dydit)}  # a complete model wraps the DyDiT
     with stage_clocks(models.values(), totals, path, device):
@@ -112,7 +112,8 @@ def stage_breakdown(dit: DiT, dydit: DyDiT, inputs: BenchInputs, device: torch.d
         for part in totals.values():
             part.clear()
         for _ in range(repeats):
-            for step, (x, t) in enumerate(zip(inputs.x, inputs.t)):
+            outputs = []  # a pass's outputs stay alive to its end, as in time_paths: the allocator
+            for step, (x, t) in enumerate(zip(inputs.x, inputs.t)):  # then keeps freed buffers
                 for name in (("static", "sliced") if step % 2 == 0 else ("sliced", "static")):
                     path[0] = name
                     if device.type == "cuda":
@@ -122,8 +123,9 @@ def stage_breakdown(dit: DiT, dydit: DyDiT, inputs: BenchInputs, device: torch.d
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     totals[name]["total"] += time.perf_counter() - start
+                    outputs.append(out)
                     if name == "sliced":
-                        routings.append(out)
+                        routings.append(out[1])
     per_step = len(inputs.x) * repeats
     ms = {name: {k: 1e3 * v / per_step for k, v in part.items()} for name, part in totals.items()}
     for part in ms.values():

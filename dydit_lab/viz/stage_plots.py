@@ -46,8 +46,18 @@ def stage_summary(results: Sequence[dict]) -> pd.DataFrame:
     against that stage ideal."""
     return pd.DataFrame([{
         "setting": setting_label(r), "threads": r["num_threads"], "flops_fraction": r["flops_fraction"],
-        "speedup": r["static_ms"] / r["sliced_ms"], "of_flops_ideal": r["efficiency"],
-        "stage_ceiling": r["stage_ceiling"], "of_stage_ideal": r["of_stage_ideal"]} for r in results])
+        "heads_on": r["fractions"]["heads"], "tokens_kept": r["fractions"]["tokens"],
+        "mlp_elements": r["fractions"]["mlp"], "speedup": r["static_ms"] / r["sliced_ms"],
+        "of_flops_ideal": r["efficiency"], "stage_ceiling": r["stage_ceiling"],
+        "of_stage_ideal": r["of_stage_ideal"]} for r in results])
+
+
+def stage_ratios(results: Sequence[dict]) -> pd.DataFrame:
+    """Sliced over static time of every stage both passes run (rows, forward order), one column
+    per breakdown: compare with the routed fractions of :func:`stage_summary`."""
+    return pd.DataFrame({setting_label(r): {row["stage"]: row["sliced_ms"] / row["static_ms"]
+                                            for row in r["stages"] if row["static_ms"] > 0}
+                         for r in results})
 
 
 def plot_stage_breakdown(results: Sequence[dict]) -> Figure:

@@ -8,7 +8,7 @@ import torch
 from dydit_lab.bench.profile import run_profile
 from dydit_lab.bench.stages import STAGE_SCALING
 from dydit_lab.viz.stage_plots import (STAGES_DIR, load_stage_breakdowns, plot_stage_breakdown, setting_label,
-                                       stage_summary)
+                                       stage_ratios, stage_summary)
 from tests.helpers import BENCH_ARCH
 
 
@@ -31,6 +31,15 @@ def test_breakdowns_load_in_file_order_and_summarise(folder):
     for row, result in zip(table.itertuples(), results):
         assert row.speedup == pytest.approx(result["static_ms"] / result["sliced_ms"])
         assert row.of_flops_ideal == pytest.approx(row.stage_ceiling * row.of_stage_ideal)
+        assert (row.heads_on, row.tokens_kept, row.mlp_elements) == tuple(
+            result["fractions"][k] for k in ("heads", "tokens", "mlp"))
+    ratios = stage_ratios(results)
+    assert list(ratios.columns) == list(table["setting"])
+    # The static pass never routes tokens or plans widths: those stages have no ratio.
+    assert "token routing" not in ratios.index and "width plan" not in ratios.index
+    assert list(ratios.index) == [s for s in STAGE_SCALING if s not in ("token routing", "width plan")]
+    mlp = {r["stage"]: r for r in results[0]["stages"]}["MLP"]
+    assert ratios.iloc[:, 0]["MLP"] == pytest.approx(mlp["sliced_ms"] / mlp["static_ms"])
 
 
 def test_a_checkpoint_breakdown_is_labelled_by_its_name():
