@@ -53,11 +53,11 @@ def stage_summary(results: Sequence[dict]) -> pd.DataFrame:
 
 
 def stage_ratios(results: Sequence[dict]) -> pd.DataFrame:
-    """Sliced over static time of every stage both passes run (rows, forward order), one column
+    """Sliced over static time of every stage both passes run (columns, forward order), one row
     per breakdown: compare with the routed fractions of :func:`stage_summary`."""
     return pd.DataFrame({setting_label(r): {row["stage"]: row["sliced_ms"] / row["static_ms"]
                                             for row in r["stages"] if row["static_ms"] > 0}
-                         for r in results})
+                         for r in results}).T
 
 
 def plot_stage_breakdown(results: Sequence[dict]) -> Figure:
