@@ -21,6 +21,7 @@ import torch
 from ..models.dit import DiT
 from ..models.dydit import DyDiT
 from ..models.dydit_block import DyDiTBlock
+from .run import _sync, _timed_call
 from .workload import BenchInputs
 
 # stage -> what its sliced cost should scale with ("fixed": not routed; "extra": sliced only)
@@ -50,8 +51,7 @@ def stage_clocks(models, totals: dict, path: list, device: torch.device):
         def timed(*args, **kwargs):
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _sync(device)
             totals[path[0]][stage] += time.perf_counter() - start
             return out
 
@@ -100,31 +100,25 @@ def stage_breakdown(dit: DiT, dydit: DyDiT, inputs: BenchInputs, device: torch.d
     dydit.execution = "sliced"
     totals = {"static": defaultdict(float), "sliced": defaultdict(float)}
     path = ["static"]
-    forwards = {"static": lambda x, t: dit(x, t, inputs.y),
-                "sliced": lambda x, t: dydit(x, t, inputs.y, return_routing=True)}
+    forwards = {"static": dit, "sliced": lambda x, t, y: dydit(x, t, y, return_routing=True)}
     routings = []
     models = {id(m): m for m in (getattr(dit, "model", dit), dydit)}  # a complete model wraps the DyDiT
     with stage_clocks(models.values(), totals, path, device):
         for x, t in zip(inputs.x, inputs.t):  # warm-up: every width sliced and cached
             for name, forward in forwards.items():
                 path[0] = name
-                forward(x, t)
+                forward(x, t, inputs.y)
         for part in totals.values():
             part.clear()
-        for _ in range(repeats):
+        for repeat in range(repeats):
             outputs = []  # a pass's outputs stay alive to its end, as in time_paths: the allocator
             for step, (x, t) in enumerate(zip(inputs.x, inputs.t)):  # then keeps freed buffers
                 for name in (("static", "sliced") if step % 2 == 0 else ("sliced", "static")):
                     path[0] = name
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                    out = forwards[name](x, t)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    totals[name]["total"] += time.perf_counter() - start
+                    seconds, out = _timed_call(forwards[name], x, t, inputs.y, device)
+                    totals[name]["total"] += seconds
                     outputs.append(out)
-                    if name == "sliced":
+                    if name == "sliced" and repeat == 0:  # every pass routes alike
                         routings.append(out[1])
     per_step = len(inputs.x) * repeats
     ms = {name: {k: 1e3 * v / per_step for k, v in part.items()} for name, part in totals.items()}
