@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from ..models import flops
-from ..models.dit import modulate
 
 
 def relative_l1(new: torch.Tensor, old: torch.Tensor) -> float:
@@ -162,7 +161,7 @@ class TeaCache(CachePolicy):
         block = executor.blocks[0]
         shift, scale = block.adaLN_modulation(c).chunk(6, dim=1)[:2]
         executor.charge(flops.modulated_input_flops(executor.model.config))
-        return modulate(block.norm1(x), shift, scale)
+        return block.attention_input(x, shift, scale)
 
     def run(self, executor, x, c, step):
         if self.threshold == 0:  # nothing is ever reused: no probe either

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import flops
-from ..models.dit import gated_residual, modulate
+from ..models.dit import gated_residual
 from .policies import CachePolicy, _check
 
 STALENESS_WEIGHT = 0.25  # ToCa's default weight of the cache-frequency score
@@ -58,7 +58,7 @@ def routed_mlp(block, x: torch.Tensor, shift, scale, width=None) -> tuple[torch.
     """The ungated MLP output of the tokens ``x`` (B, n, C) and, for a DyDiT block, the tokens its
     router keeps (B, n): the MLP runs on those only, the others get zeros (as the DyDiT adds
     nothing for them)."""
-    h = modulate(block.norm2(x), shift, scale)
+    h = block.mlp_input(x, shift, scale)
     if width is None:
         return mlp_on(block, h), None
     keep = torch.sigmoid(block.token_selection.logits(x)) > 0.5
@@ -116,7 +116,7 @@ class ToCa(CachePolicy):
     def _full(self, executor, i, block, x, c):
         cache, cfg, width = self._cache[i], executor.model.config, executor.width(i)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-        attn, received = attention_with_received(block, modulate(block.norm1(x), shift_msa, scale_msa), width)
+        attn, received = attention_with_received(block, block.attention_input(x, shift_msa, scale_msa), width)
         x = gated_residual(x, gate_msa, attn)
         mlp, keep = routed_mlp(block, x, shift_mlp, scale_mlp, width)
         B, N = received.shape

@@ -34,6 +34,30 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) ->
     return torch.addcmul(x, gate.unsqueeze(1), update)
 
 
+class LayerNorm(nn.LayerNorm):
+    """DiT's LayerNorm: no learned parameters (nothing in the state dict), eps 1e-6.
+
+    It runs ``layer_norm``'s affine kernel with a weight of ones: the same values bit for bit
+    (and the same gradients), and on CPU faster than the kernel without a weight.
+    :meth:`modulated` also folds adaLN's modulation into that kernel where it can.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(dim, eps=eps, elementwise_affine=False)
+        self.register_buffer("ones", torch.ones(dim), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.ones, None, self.eps)
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """adaLN: ``norm(x) * (1 + scale) + shift`` per sample (x (B, N, C), shift and scale
+        (B, C)); with one sample (or x the rows (M, C) of one) the kernel's own affine does the
+        modulation in the same pass, with the same values as :func:`modulate`."""
+        if shift.shape[0] == 1:
+            return F.layer_norm(x, self.normalized_shape, 1 + scale[0], shift[0], self.eps)
+        return modulate(self(x), shift, scale)
+
+
 class PatchEmbed(nn.Module):
     """Image to patch tokens with a strided convolution (``x_embedder.proj``)."""
 
@@ -152,9 +176,9 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm(hidden_size)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm(hidden_size)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -174,11 +198,11 @@ class DiTBlock(nn.Module):
 
     def attention_input(self, x, shift, scale):
         """norm1(x), modulated: what the attention reads."""
-        return modulate(self.norm1(x), shift, scale)
+        return self.norm1.modulated(x, shift, scale)
 
     def mlp_input(self, x, shift, scale):
         """norm2(x), modulated: what the MLP reads."""
-        return modulate(self.norm2(x), shift, scale)
+        return self.norm2.modulated(x, shift, scale)
 
     def mlp_residual(self, x, gate, out):
         """x + gate * the MLP's output."""
@@ -188,13 +212,13 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = LayerNorm(hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.norm_final.modulated(x, shift, scale))
 
 
 # ---------------------------------------------------------------------------

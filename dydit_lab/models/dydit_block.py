@@ -132,9 +132,11 @@ class DyDiTBlock(DiTBlock):
 
     def kept_mlp_input(self, x, idx, sample, shift, scale):
         """norm2 and modulation of the kept tokens only: rows ``idx`` of the flattened x, each
-        with the shift and scale of its ``sample``."""
-        rows = self.norm2(x.reshape(-1, x.shape[-1]).index_select(0, idx))
-        return torch.addcmul(shift.index_select(0, sample), rows, (1 + scale).index_select(0, sample))
+        with the shift and scale of its ``sample`` (one sample: no gather, see ``LayerNorm.modulated``)."""
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, idx)
+        if shift.shape[0] == 1:
+            return self.norm2.modulated(rows, shift, scale)
+        return torch.addcmul(shift.index_select(0, sample), self.norm2(rows), (1 + scale).index_select(0, sample))
 
     def kept_mlp_residual(self, x, idx, sample, gate, out):
         """x + gate * out on the kept rows ``idx`` only, added in place (x is this block's own

@@ -22,7 +22,7 @@ from . import flops
 from ..diffusion import NUM_TIMESTEPS, guide_doubled_output, space_timesteps
 from .adapters import LORA_TARGETS, BlockAdapter
 from .configs import DiTConfig, coarse_patch_sizes
-from .dit import DiT, ModelWrapper, PatchEmbed, _1d_sincos, get_2d_sincos_pos_embed, modulate
+from .dit import DiT, ModelWrapper, PatchEmbed, _1d_sincos, get_2d_sincos_pos_embed
 
 FLEX_PREFIX = "flex_"
 RESIZE_MODES = ("bilinear", "nearest")
@@ -231,7 +231,7 @@ class FlexiDiT(DiT):
             return self.final_layer(tokens, c)
         final = self.final_layer
         shift, scale = final.adaLN_modulation(c).chunk(2, dim=1)
-        return self.flex_final[str(patch_size)](modulate(final.norm_final(tokens), shift, scale))
+        return self.flex_final[str(patch_size)](final.norm_final.modulated(tokens, shift, scale))
 
     def unpatchify_at(self, x: torch.Tensor, patch_size: int) -> torch.Tensor:
         """(N, T, q*q*C) tokens -> (N, C, H, W) image, for any patch size."""

@@ -5,7 +5,7 @@ doubling). The rules are fvcore's, with which the published DiT figures were mad
 
 * a Linear costs ``in * out`` per row, a convolution ``prod(weight.shape) * out_pixels``;
   biases are free;
-* a LayerNorm without affine parameters costs 4 per element (fvcore's ``norm_flop_counter``);
+* a LayerNorm without affine parameters (DiT's) costs 4 per element (fvcore's ``norm_flop_counter``);
 * elementwise ops (adds, modulate, gates, SiLU, GELU, softmax), the label-embedding lookup
   and the sinusoidal timestep features are free;
 * the attention matmuls ``q @ k^T`` and ``attn @ v`` cost ``N * N * head_dim`` per head each.
@@ -43,8 +43,6 @@ with warnings.catch_warnings():
 from .configs import FREQUENCY_EMBEDDING_SIZE, DiTConfig, coarse_patch_sizes, get_config
 
 Number = Union[int, float]
-
-# fvcore charges a LayerNorm without affine weights (DiT's norms) 4 FLOPs per element.
 LAYER_NORM_FLOPS_PER_ELEMENT = 4
 # DyDiT's token router (SDT) is Linear(D, D // 16) -> ReLU -> Linear(D // 16, 1).
 SDT_ROUTER_REDUCTION = 16
@@ -56,7 +54,6 @@ _FREE_OPS = (
     "aten::gelu", "aten::relu", "aten::sigmoid", "aten::softmax", "aten::embedding",
     "aten::where", "aten::lt", "aten::rand", "aten::sum", "aten::mean",
 )
-
 
 # ---------------------------------------------------------------------------
 # Shapes
@@ -261,6 +258,12 @@ def _sdpa_flop_jit(inputs, outputs) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def _layer_norm_flop_jit(inputs, outputs) -> int:
+    """``aten::layer_norm``: 4 per element, as for a LayerNorm without affine weights (DiT's;
+    ``models.dit.LayerNorm`` passes a weight only because its kernel runs faster)."""
+    return LAYER_NORM_FLOPS_PER_ELEMENT * math.prod(get_shape(inputs[0]))
+
+
 def fvcore_counts(model: nn.Module, input_size: int | None, batch_size: int) -> Counter:
     """MACs by operator (fvcore names, e.g. ``linear``) of one traced forward of ``model``."""
     img_size = model.x_embedder.img_size
@@ -275,6 +278,7 @@ def fvcore_counts(model: nn.Module, input_size: int | None, batch_size: int) -> 
     y = torch.randint(0, model.num_classes, (batch_size,), device=param.device)
     analysis = FlopCountAnalysis(model, (x, t, y))
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_jit)
+    analysis.set_op_handle("aten::layer_norm", _layer_norm_flop_jit)
     analysis.set_op_handle(*[item for op in _FREE_OPS for item in (op, None)])
     analysis.uncalled_modules_warnings(False)
     was_training = model.training

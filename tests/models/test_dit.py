@@ -114,3 +114,25 @@ def test_sampling_cost_of_a_dit_is_its_static_forward():
     model = dydit_lab.create_model("DiT-lab-T")
     cost = model.sampling_cost(10)
     assert cost == {"gflops_per_step": analytic_flops(model.config)["total"] / 1e9, "flops_fraction": 1.0}
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 64), (3, 16, 64), (2, 5, 72)])
+def test_layer_norm_equals_the_unweighted_one_bit_for_bit(shape):
+    from dydit_lab.models.dit import LayerNorm
+    norm, reference = LayerNorm(shape[-1]), torch.nn.LayerNorm(shape[-1], elementwise_affine=False, eps=1e-6)
+    x = (torch.randn(shape) * 4 + 2).requires_grad_()
+    grad_out = torch.randn(shape)
+    out, expected = norm(x), reference(x)
+    assert torch.equal(out, expected)
+    assert torch.equal(torch.autograd.grad(out, x, grad_out)[0], torch.autograd.grad(expected, x, grad_out)[0])
+    assert not dict(norm.state_dict())  # the weight of ones is not a parameter: official layout
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_modulated_norm_equals_norm_then_modulate(batch):
+    from dydit_lab.models.dit import LayerNorm, modulate
+    norm = LayerNorm(64)
+    x, shift, scale = torch.randn(batch, 16, 64) * 3, torch.randn(batch, 64), torch.randn(batch, 64)
+    assert torch.equal(norm.modulated(x, shift, scale), modulate(norm(x), shift, scale))
+    rows = x[0, :5]  # rows of one sample (how a sliced DyDiT block passes its kept tokens)
+    assert torch.equal(norm.modulated(rows, shift[:1], scale[:1]), modulate(norm(rows)[None], shift[:1], scale[:1])[0])
