@@ -19,7 +19,7 @@ from ..analysis.routing import RoutingTrace, trace_sampling
 from ..checkpoints import load_model
 from ..models.dydit import CompleteModel, DyDiT
 from ..paths import resolve_device
-from .run import sliced_vs_masked, time_paths
+from .run import mean_flops_fraction, sliced_vs_masked, time_paths
 from .setup import describe_device, set_threads
 from .workload import BenchInputs
 
@@ -63,7 +63,7 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
     routings = [routing for _, routing in timing["outputs"]["sliced"]]
     agreement = sliced_vs_masked(timing["outputs"])
     mean = lambda values: float(torch.stack([v.float().mean().cpu() for v in values]).mean())  # noqa: E731
-    flops_ratio = mean(r.flops_fraction(model.config) for r in routings)
+    flops_ratio = mean_flops_fraction(model.config, routings)
     per_step = {path: statistics.median(times) / steps for path, times in timing["times"].items()}
     speedup = per_step["static"] / per_step["sliced"]
     return {

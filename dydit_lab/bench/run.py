@@ -46,15 +46,20 @@ def _timed_call(fn, x, t, y, device: torch.device) -> tuple[float, object]:
 
 
 def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
-               device: torch.device | None = None) -> dict:
-    """Median seconds per pass over the steps of the static DiT and of DyDiT sliced/masked.
+               device: torch.device | None = None, observer=None) -> dict:
+    """Seconds per pass over the steps of the static DiT and of DyDiT sliced/masked.
 
     One untimed warm-up pass per path (it also fills the sliced-weight cache), then
     ``repeats`` timed passes. The paths are interleaved at every step, in an order that
     rotates from step to step: a shared machine's speed drifts by tens of percent over
     seconds, and a drift that hits one forward of each path in turn cancels in their ratio
-    (interleaving whole passes let it land on one path). Returns each path's per-pass
-    totals and the last pass's outputs (and routings).
+    (interleaving whole passes let it land on one path). A pass's outputs stay alive until
+    it ends, as in a sampling run (the allocator then keeps freed buffers; freeing each
+    output at once changes both paths' times). Returns each path's per-pass totals and the
+    last pass's outputs (and routings).
+
+    ``observer`` (e.g. :func:`.stages.stage_clocks`) gets ``observer.path`` set to the path
+    name before every forward and ``observer.reset()`` called after the warm-up.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be positive, got {repeats}")
@@ -69,9 +74,17 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
 
     paths = {"static": dit, "sliced": dynamic("sliced"), "masked": dynamic("masked")}
     names = list(paths)
-    for fn in paths.values():  # warm-up
+
+    def call(name, x, t):
+        if observer is not None:
+            observer.path = name
+        return _timed_call(paths[name], x, t, inputs.y, device)
+
+    for name in names:  # warm-up
         for x, t in zip(inputs.x, inputs.t):
-            _timed_call(fn, x, t, inputs.y, device)
+            call(name, x, t)
+    if observer is not None:
+        observer.reset()
     times = {name: [] for name in paths}
     for _ in range(repeats):
         totals = dict.fromkeys(paths, 0.0)
@@ -79,7 +92,7 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
         for step, (x, t) in enumerate(zip(inputs.x, inputs.t)):
             for k in range(len(names)):
                 name = names[(step + k) % len(names)]
-                seconds, out = _timed_call(paths[name], x, t, inputs.y, device)
+                seconds, out = call(name, x, t)
                 totals[name] += seconds
                 outs[name].append(out)
         for name in paths:
@@ -105,6 +118,11 @@ def sliced_vs_masked(outputs: dict) -> dict:
 # ---------------------------------------------------------------------------
 # Benchmark
 # ---------------------------------------------------------------------------
+
+
+def mean_flops_fraction(config: DiTConfig, routings: list[Routing]) -> float:
+    """The FLOPs fraction of ``routings`` (one per step), averaged over samples and steps."""
+    return float(torch.stack([r.flops_fraction(config).float().mean().cpu() for r in routings]).mean())
 
 
 def _routing_summary(config: DiTConfig, routings: list[Routing]) -> dict:

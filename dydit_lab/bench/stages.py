@@ -21,7 +21,7 @@ import torch
 from ..models.dit import DiT
 from ..models.dydit import DyDiT
 from ..models.dydit_block import DyDiTBlock
-from .run import _sync, _timed_call
+from .run import _sync, mean_flops_fraction, time_paths
 from .workload import BenchInputs
 
 # stage -> what its sliced cost should scale with ("fixed": not routed; "extra": sliced only)
@@ -38,12 +38,24 @@ _SLICED_STAGES = (("attention", "sliced_attention"), ("token routing", "route_to
                   ("norm2 + modulate", "kept_mlp_input"), ("MLP", "sliced_mlp"), ("MLP residual", "kept_mlp_residual"))
 
 
+class StageTotals:
+    """Seconds per path and stage (``totals[path][stage]``), filled by :func:`stage_clocks`;
+    ``path`` names the path whose forward runs now (:func:`.run.time_paths` sets it)."""
+
+    def __init__(self):
+        self.path = "static"
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals: dict[str, defaultdict] = defaultdict(lambda: defaultdict(float))
+
+
 @contextmanager
-def stage_clocks(models, totals: dict, path: list, device: torch.device):
-    """While open, every stage method of ``models`` adds its seconds to ``totals[path[0]][stage]``
-    (the caller sets ``path[0]`` before each forward). On CUDA each stage waits for its kernels,
+def stage_clocks(models, device: torch.device):
+    """While open, every stage method of ``models`` adds its seconds to the yielded
+    :class:`StageTotals` under its current path. On CUDA each stage waits for its kernels,
     which serialises the launches: read CUDA stage times as an upper bound."""
-    patched = []
+    clocks, patched = StageTotals(), []
 
     def clock(owner, attr, stage):
         fn = getattr(owner, attr)
@@ -52,7 +64,7 @@ def stage_clocks(models, totals: dict, path: list, device: torch.device):
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             _sync(device)
-            totals[path[0]][stage] += time.perf_counter() - start
+            clocks.totals[clocks.path][stage] += time.perf_counter() - start
             return out
 
         setattr(owner, attr, timed)  # an instance attribute shadows the method until deleted
@@ -69,7 +81,7 @@ def stage_clocks(models, totals: dict, path: list, device: torch.device):
             for stage, attr in _BLOCK_STAGES + (_SLICED_STAGES if isinstance(block, DyDiTBlock) else ()):
                 clock(block, attr, stage)
     try:
-        yield
+        yield clocks
     finally:
         for owner, attr in patched:
             delattr(owner, attr)
@@ -86,55 +98,38 @@ def routed_fractions(routings) -> dict:
 
 @torch.no_grad()
 def stage_breakdown(dit: DiT, dydit: DyDiT, inputs: BenchInputs, device: torch.device, repeats: int = 3) -> dict:
-    """Seconds per sampling step of every stage of the static ``dit`` and the sliced ``dydit``
-    (one warm-up pass, then ``repeats`` passes interleaved per step in rotating order, as in
-    :func:`.run.time_paths`), each stage's sliced/static ratio and its ideal: the static stage
-    times the fraction it is routed by (heads, kept tokens, MLP elements; 1 if not routed;
-    0 for the sliced path's own extras). Returns per-stage rows and three totals: the
-    FLOPs-ideal efficiency (``efficiency``), the best a path that shrank every routed stage
-    exactly could reach against the FLOPs ideal (``stage_ceiling``), and the sliced pass
-    against that stage ideal (``of_stage_ideal``)."""
+    """Seconds per sampling step of every stage of the static ``dit`` and the sliced ``dydit``,
+    timed inside the bench's own passes (:func:`.run.time_paths`: warm-up, then ``repeats``
+    passes with the static, sliced and masked paths interleaved per step), each stage's
+    sliced/static ratio and its ideal: the static stage times the fraction it is routed by
+    (heads, kept tokens, MLP elements; 1 if not routed; 0 for the sliced path's own extras).
+    Returns per-stage rows and three totals: the FLOPs-ideal efficiency (``efficiency``), the
+    best a path that shrank every routed stage exactly could reach against the FLOPs ideal
+    (``stage_ceiling``), and the sliced pass against that stage ideal (``of_stage_ideal``);
+    ``masked_ms`` is the masked path's step (its stages are not broken down)."""
     if repeats < 1:
         raise ValueError(f"repeats must be positive, got {repeats}")
-    dit.eval(), dydit.eval()
-    dydit.execution = "sliced"
-    totals = {"static": defaultdict(float), "sliced": defaultdict(float)}
-    path = ["static"]
-    forwards = {"static": dit, "sliced": lambda x, t, y: dydit(x, t, y, return_routing=True)}
-    routings = []
     models = {id(m): m for m in (getattr(dit, "model", dit), dydit)}  # a complete model wraps the DyDiT
-    with stage_clocks(models.values(), totals, path, device):
-        for x, t in zip(inputs.x, inputs.t):  # warm-up: every width sliced and cached
-            for name, forward in forwards.items():
-                path[0] = name
-                forward(x, t, inputs.y)
-        for part in totals.values():
-            part.clear()
-        for repeat in range(repeats):
-            outputs = []  # a pass's outputs stay alive to its end, as in time_paths: the allocator
-            for step, (x, t) in enumerate(zip(inputs.x, inputs.t)):  # then keeps freed buffers
-                for name in (("static", "sliced") if step % 2 == 0 else ("sliced", "static")):
-                    path[0] = name
-                    seconds, out = _timed_call(forwards[name], x, t, inputs.y, device)
-                    totals[name]["total"] += seconds
-                    outputs.append(out)
-                    if name == "sliced" and repeat == 0:  # every pass routes alike
-                        routings.append(out[1])
+    with stage_clocks(models.values(), device) as clocks:
+        timing = time_paths(dit, dydit, inputs, repeats, device, observer=clocks)
     per_step = len(inputs.x) * repeats
-    ms = {name: {k: 1e3 * v / per_step for k, v in part.items()} for name, part in totals.items()}
-    for part in ms.values():
+    ms = {name: {k: 1e3 * v / per_step for k, v in clocks.totals[name].items()} for name in ("static", "sliced")}
+    for name, part in ms.items():
+        part["total"] = 1e3 * sum(timing["times"][name]) / per_step
         part["other"] = part["total"] - sum(v for k, v in part.items() if k != "total")
+    routings = [routing for _, routing in timing["outputs"]["sliced"]]  # every pass routes alike
     fractions = routed_fractions(routings)
     rows = []
     for stage, scaling in STAGE_SCALING.items():
         static, sliced = ms["static"].get(stage, 0.0), ms["sliced"].get(stage, 0.0)
         rows.append({"stage": stage, "scales_with": scaling, "fraction": fractions[scaling],
                      "static_ms": static, "sliced_ms": sliced, "ideal_ms": static * fractions[scaling]})
-    flops = float(torch.stack([r.flops_fraction(dydit.config).mean() for r in routings]).mean())
+    flops = mean_flops_fraction(dydit.config, routings)
     static_total, sliced_total = ms["static"]["total"], ms["sliced"]["total"]
     stage_ideal = sum(row["ideal_ms"] for row in rows)
     return {"kind": "stages", "stages": rows, "fractions": fractions, "flops_fraction": flops,
             "static_ms": static_total, "sliced_ms": sliced_total, "stage_ideal_ms": stage_ideal,
+            "masked_ms": 1e3 * sum(timing["times"]["masked"]) / per_step,
             "efficiency": flops * static_total / sliced_total,
             "stage_ceiling": flops * static_total / stage_ideal, "of_stage_ideal": stage_ideal / sliced_total}
 

@@ -2,8 +2,6 @@
 ideal per stage from the routing, clocks removed afterwards, CLI."""
 
 import time
-from collections import defaultdict
-
 import pytest
 import torch
 
@@ -47,6 +45,20 @@ def test_stages_add_up_to_the_measured_pass(breakdown):
     assert breakdown["stage_ideal_ms"] == pytest.approx(sum(r["ideal_ms"] for r in rows))
     # FLOPs-ideal efficiency = what exact per-stage shrinking allows x how close the pass comes to it.
     assert breakdown["efficiency"] == pytest.approx(breakdown["stage_ceiling"] * breakdown["of_stage_ideal"])
+    assert breakdown["masked_ms"] > 0  # timed in the same passes, as the bench times it
+
+
+def test_the_breakdown_times_the_bench_passes(models, inputs):
+    # One timing loop: the clocks observe time_paths, warm-up excluded (reset), all three paths run.
+    dit, dydit = models
+    set_routers(dydit, inputs, 0.5)
+    calls = []
+    hook = dydit.register_forward_pre_hook(lambda m, _: calls.append(m.execution))
+    try:
+        stage_breakdown(dit, dydit, inputs, CPU, repeats=1)
+    finally:
+        hook.remove()
+    assert sorted(set(calls)) == ["masked", "sliced"] and len(calls) == 2 * 2 * len(inputs.x)
 
 
 def test_fractions_are_those_of_the_sliced_routing(models, inputs, breakdown):
@@ -84,14 +96,13 @@ def test_clocks_leave_outputs_alone_and_are_removed(models, inputs):
     x, t = inputs.x[0], inputs.t[0]
     with torch.no_grad():
         before = dydit(x, t, inputs.y), dit(x, t, inputs.y)
-        totals = {"static": defaultdict(float)}
-        with stage_clocks([dit, dydit], totals, ["static"], CPU):
+        with stage_clocks([dit, dydit], CPU) as clocks:
             assert "modulation" in dydit.blocks[0].__dict__
             during = dydit(x, t, inputs.y), dit(x, t, inputs.y)
         after = dydit(x, t, inputs.y), dit(x, t, inputs.y)
     for a, b, c in zip(before, during, after):
         assert torch.equal(a, b) and torch.equal(a, c)
-    assert totals["static"]["attention"] > 0
+    assert clocks.totals["static"]["attention"] > 0
     for block in dydit.blocks:
         assert not {"modulation", "route_tokens", "sliced_mlp"} & set(block.__dict__)
         assert "forward" not in block.attn.__dict__ and "forward" not in block.mlp.__dict__
