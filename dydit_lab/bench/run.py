@@ -58,8 +58,9 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
     output at once changes both paths' times). Returns each path's per-pass totals and the
     last pass's outputs (and routings).
 
-    ``observer`` (e.g. :func:`.stages.stage_clocks`) gets ``observer.path`` set to the path
-    name before every forward and ``observer.reset()`` called after the warm-up.
+    ``observer`` (e.g. the :class:`.stages.StageTotals` of ``stage_clocks``) gets
+    ``observer.path`` set to the path name before every forward and ``observer.reset()``
+    called after the warm-up.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be positive, got {repeats}")

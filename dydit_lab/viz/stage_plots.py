@@ -42,14 +42,16 @@ def load_stage_breakdowns(folder: str | Path = STAGES_DIR) -> list[dict]:
 
 def stage_summary(results: Sequence[dict]) -> pd.DataFrame:
     """One row per breakdown: FLOPs fraction, the speed-up measured in it, its fraction of the
-    FLOPs ideal, the fraction exact per-stage shrinking would reach, and the sliced pass
-    against that stage ideal."""
+    FLOPs ideal, the fraction exact per-stage shrinking would reach, the sliced pass against
+    that stage ideal, and the masked path's speed-up (below 1: slower than static; NaN in a
+    breakdown that did not time it)."""
     return pd.DataFrame([{
         "setting": setting_label(r), "threads": r["num_threads"], "flops_fraction": r["flops_fraction"],
         "heads_on": r["fractions"]["heads"], "tokens_kept": r["fractions"]["tokens"],
         "mlp_elements": r["fractions"]["mlp"], "speedup": r["static_ms"] / r["sliced_ms"],
         "of_flops_ideal": r["efficiency"], "stage_ceiling": r["stage_ceiling"],
-        "of_stage_ideal": r["of_stage_ideal"]} for r in results])
+        "of_stage_ideal": r["of_stage_ideal"],
+        "masked_speedup": r["static_ms"] / r["masked_ms"] if "masked_ms" in r else float("nan")} for r in results])
 
 
 def stage_ratios(results: Sequence[dict]) -> pd.DataFrame:

@@ -31,6 +31,7 @@ def test_breakdowns_load_in_file_order_and_summarise(folder):
     for row, result in zip(table.itertuples(), results):
         assert row.speedup == pytest.approx(result["static_ms"] / result["sliced_ms"])
         assert row.of_flops_ideal == pytest.approx(row.stage_ceiling * row.of_stage_ideal)
+        assert row.masked_speedup == pytest.approx(result["static_ms"] / result["masked_ms"])
         assert (row.heads_on, row.tokens_kept, row.mlp_elements) == tuple(
             result["fractions"][k] for k in ("heads", "tokens", "mlp"))
     ratios = stage_ratios(results)
@@ -39,6 +40,11 @@ def test_breakdowns_load_in_file_order_and_summarise(folder):
     assert list(ratios.columns) == [s for s in STAGE_SCALING if s not in ("token routing", "width plan")]
     mlp = {r["stage"]: r for r in results[0]["stages"]}["MLP"]
     assert ratios.iloc[0]["MLP"] == pytest.approx(mlp["sliced_ms"] / mlp["static_ms"])
+
+
+def test_a_breakdown_without_the_masked_path_summarises_with_nan(folder):
+    result = {k: v for k, v in load_stage_breakdowns(folder)[0].items() if k != "masked_ms"}
+    assert stage_summary([result])["masked_speedup"].isna().all()
 
 
 def test_a_checkpoint_breakdown_is_labelled_by_its_name():
