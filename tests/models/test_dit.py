@@ -136,3 +136,15 @@ def test_modulated_norm_equals_norm_then_modulate(batch):
     assert torch.equal(norm.modulated(x, shift, scale), modulate(norm(x), shift, scale))
     rows = x[0, :5]  # rows of one sample (how a sliced DyDiT block passes its kept tokens)
     assert torch.equal(norm.modulated(rows, shift[:1], scale[:1]), modulate(norm(rows)[None], shift[:1], scale[:1])[0])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_bf16_autocast_trains_through_the_norms(batch):
+    # Under autocast the adaLN outputs are bf16 and the tokens fp32: the norms must not mix them.
+    from dydit_lab.models.dydit import DyDiT
+    model = DyDiT.from_dit(dydit_lab.create_model("DiT-S/4", input_size=16, num_classes=10)).train()
+    x, t, y = torch.randn(batch, 4, 16, 16), torch.tensor([1, 500][:batch]), torch.tensor([0, 1][:batch])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    out.float().pow(2).mean().backward()
+    assert out.dtype == torch.bfloat16 and model.blocks[0].adaLN_modulation[1].weight.grad is not None
