@@ -31,6 +31,12 @@ class _SlicedWeights:
     fc2_w: torch.Tensor
 
 
+def _times_gates(values: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """``values * gates``, in place when no gradient is recorded (``values`` is always a fresh
+    tensor of the block's own): no new buffer of the block's widest tensors in eval."""
+    return values * gates if torch.is_grad_enabled() else values.mul_(gates)
+
+
 class DyDiTBlock(DiTBlock):
     """DiT block with TDW (heads, MLP groups) and SDT (tokens) routers."""
 
@@ -53,13 +59,13 @@ class DyDiTBlock(DiTBlock):
         heads, groups = self.attn_rate(t_emb), self.mlp_rate(t_emb)
         B, N, C = x.shape
         per_head = self.attn.heads(self.attention_input(x, shift_msa, scale_msa))
-        per_head = per_head * heads[:, :, None, None]
+        per_head = _times_gates(per_head, heads[:, :, None, None])
         x = gated_residual(x, gate_msa, self.attn.proj(per_head.transpose(1, 2).reshape(B, N, C)))
         tokens = self.token_selection(x)
         hidden = self.mlp.fc1(self.mlp_input(x, shift_mlp, scale_mlp))
-        hidden = hidden * groups.repeat_interleave(self.group_size, dim=1).unsqueeze(1)
+        hidden = _times_gates(hidden, groups.repeat_interleave(self.group_size, dim=1).unsqueeze(1))
         mlp_out = self.mlp.fc2(self.mlp.act(hidden))
-        x = gated_residual(x, gate_mlp, tokens.unsqueeze(-1) * mlp_out)
+        x = gated_residual(x, gate_mlp, _times_gates(mlp_out, tokens.unsqueeze(-1)))
         return x, heads, groups, tokens
 
     # -- sliced (really skips) --------------------------------------------------------
