@@ -47,16 +47,18 @@ class LayerNorm(nn.LayerNorm):
         self.register_buffer("ones", torch.ones(dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.ones if self.ones.dtype == x.dtype else None  # e.g. fp32 tokens under autocast
+        weight = self.ones if self.ones.dtype == x.dtype else None  # x in another dtype than the module's
         return F.layer_norm(x, self.normalized_shape, weight, None, self.eps)
 
     def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """adaLN: ``norm(x) * (1 + scale) + shift`` per sample (x (B, N, C), shift and scale
         (B, C)); with one sample (or x the rows (M, C) of one) the kernel's own affine does the
         modulation in the same pass, with the same values as :func:`modulate`."""
-        if shift.shape[0] == 1 and shift.dtype == x.dtype:  # autocast: bf16 shift, fp32 tokens
+        if shift.shape[0] > 1:
+            return modulate(self(x), shift, scale)
+        if shift.dtype == x.dtype:
             return F.layer_norm(x, self.normalized_shape, 1 + scale[0], shift[0], self.eps)
-        return modulate(self(x), shift, scale)
+        return torch.addcmul(shift[0], self(x), 1 + scale[0])  # autocast: bf16 shift, fp32 tokens
 
 
 class PatchEmbed(nn.Module):

@@ -2,6 +2,7 @@
 ideal per stage from the routing, clocks removed afterwards, CLI."""
 
 import time
+
 import pytest
 import torch
 

@@ -148,3 +148,15 @@ def test_bf16_autocast_trains_through_the_norms(batch):
         out = model(x, t, y)
     out.float().pow(2).mean().backward()
     assert out.dtype == torch.bfloat16 and model.blocks[0].adaLN_modulation[1].weight.grad is not None
+    # Eval: the sliced path (kept rows of one sample at batch 1) keeps the masked path's shapes.
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.execution = "masked"
+        masked = model(x, t, y)
+        model.execution = "sliced"
+        sliced = model(x, t, y)
+    assert sliced.shape == masked.shape == out.shape
+    # The kept rows (M, C) of one sample with a bf16 shift and scale keep their shape.
+    norm, rows = model.blocks[0].norm2, torch.randn(5, 384)
+    shift, scale = torch.randn(1, 384, dtype=torch.bfloat16), torch.randn(1, 384, dtype=torch.bfloat16)
+    assert torch.equal(norm.modulated(rows, shift, scale), torch.addcmul(shift[0], norm(rows), 1 + scale[0]))
