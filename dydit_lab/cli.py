@@ -13,7 +13,7 @@ import sys
 from .analysis.commands import add_commands as add_analysis_commands
 from .bench.checkpoint import checkpoint_sweep
 from .bench.profile import describe_profile, profile_checkpoint, run_profile
-from .bench.run import median_of_runs, parse_batch_list, run_benchmark, run_sweep, sweep_name, write_csv
+from .bench.run import median_of_runs, parse_batch_list, run_benchmark, run_sweep, sweep_name, warn_noise, write_csv
 from .caching.commands import add_commands as add_caching_commands
 from .checkpoints import export_checkpoint, load_model
 from .data import mnist_split
@@ -141,7 +141,7 @@ def cmd_bench(args):
         raise ValueError(f"--runs must be positive, got {args.runs}")
 
     def measured(measure):  # --runs separate measurements, one row per batch size from the median run
-        return median_of_runs([measure() for _ in range(args.runs)])
+        return warn_noise(median_of_runs([measure() for _ in range(args.runs)]))
 
     if bool(args.arch) == bool(args.checkpoint):
         raise ValueError("give --arch (random weights, routers set to --target-ratio) or --checkpoint "

@@ -98,7 +98,7 @@ BENCH_RESULT_KEYS = {
     "arch", "input_size", "device", "batch_size", "steps", "target_ratio", "flops_ratio",
     "static_seconds", "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup",
     "ideal_speedup", "efficiency", "token_keep_rate", "head_fraction", "group_fraction",
-    "flops_ratio_per_step", "torch_version", "num_threads", "timestamp",
+    "flops_ratio_per_step", "static_pass_spread", "torch_version", "num_threads", "timestamp",
 }
 
 

@@ -102,6 +102,16 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
     return {"times": times, "outputs": outs}
 
 
+NOISY_SPREAD = 0.05  # identical work varying more than this cannot resolve the few per cent the bench claims
+
+
+def pass_spread(times: dict[str, list[float]]) -> float:
+    """How much identical work varied within one run: the static passes' (max - min) / median.
+    Fractions of the ideal read to a few per cent need this well under :data:`NOISY_SPREAD`."""
+    static = times["static"]
+    return (max(static) - min(static)) / statistics.median(static)
+
+
 def sliced_vs_masked(outputs: dict) -> dict:
     """How far the sliced path's outputs (``time_paths``'s last pass) are from the masked
     path's: token decisions that differ, of all, and the largest absolute and relative
@@ -212,6 +222,7 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
         "static_pass_seconds": timing["times"]["static"],
         "dynamic_pass_seconds": timing["times"]["sliced"],
         "masked_pass_seconds": timing["times"]["masked"],
+        "static_pass_spread": pass_spread(timing["times"]),
         "routing_agree": routing_agree,
         "max_abs_diff_sliced_masked": agreement["max_abs_diff_sliced_masked"],
         "token_decisions_flipped": agreement["token_decisions_flipped"],
@@ -275,6 +286,31 @@ def median_of_runs(runs: list[list[dict]]) -> list[dict]:
         rows.append({**ranked[(len(ranked) - 1) // 2], "runs": len(per_batch),
                      "speedup_runs": [row["speedup"] for row in per_batch],
                      "efficiency_runs": [row["efficiency"] for row in per_batch]})
+    return rows
+
+
+def noise_warnings(rows: list[dict]) -> list[str]:
+    """Where a bench result is not resolved to a few per cent: rows whose static passes spread
+    more than :data:`NOISY_SPREAD`, or whose separate runs (``--runs``) span more than that in
+    efficiency. An empty list says nothing about a target; a line says the machine was too noisy."""
+    lines = []
+    for row in rows:
+        where = f"{row.get('name') or row.get('arch')}, batch {row['batch_size']}"
+        spread = row.get("static_pass_spread")
+        if spread is not None and spread > NOISY_SPREAD:
+            lines.append(f"{where}: the static passes (identical work) spread {spread:.0%}")
+        runs = row.get("efficiency_runs") or []
+        if len(runs) > 1 and max(runs) - min(runs) > NOISY_SPREAD:
+            lines.append(f"{where}: the {len(runs)} runs read {min(runs):.3f}-{max(runs):.3f} of the ideal")
+    return lines
+
+
+def warn_noise(rows: list[dict]) -> list[dict]:
+    """Print :func:`noise_warnings` to stderr (with what they mean) and return ``rows``."""
+    lines = noise_warnings(rows)
+    if lines:
+        print("warning: this machine was too noisy to resolve a few per cent (an otherwise idle machine, "
+              "fixed threads and --runs 3 help):\n  " + "\n  ".join(lines), file=sys.stderr, flush=True)
     return rows
 
 

@@ -29,6 +29,7 @@ def test_checkpoint_speedup_times_the_routing_of_a_real_run():
     assert record["speedup"] == pytest.approx(record["static_seconds"] / record["dynamic_seconds"])
     assert record["ideal_speedup"] == pytest.approx(1 / record["flops_ratio"])
     assert record["num_threads"] == torch.get_num_threads()
+    assert record["static_pass_spread"] == 0  # one timed pass: nothing to spread
     # the sliced outputs are the masked path's, decision for decision
     assert record["token_decisions"] == 3 * 4 * len(model.blocks) * model.x_embedder.num_patches
     assert record["token_decisions_flipped"] == 0 and record["max_relative_diff_sliced_masked"] < 1e-5

@@ -92,6 +92,29 @@ def test_paths_are_interleaved_at_every_step_in_a_rotating_order(models, inputs)
     assert all(len(v) == steps for v in timing["outputs"].values())
 
 
+def test_pass_spread_is_the_static_passes_range_over_their_median(result):
+    assert bench.pass_spread({"static": [1.0, 1.2, 0.9], "sliced": [9.0, 1.0]}) == pytest.approx(0.3)
+    assert bench.pass_spread({"static": [2.0]}) == 0
+    assert result["static_pass_spread"] == 0  # repeats=1: one pass per path
+
+
+def test_noise_warnings_name_the_rows_a_noisy_machine_leaves_unresolved(capsys):
+    quiet = {"arch": "DiT-XL/2", "batch_size": 1, "static_pass_spread": 0.02, "efficiency_runs": [0.95, 0.97, 0.96]}
+    spread = {**quiet, "batch_size": 4, "static_pass_spread": 0.13}
+    runs = {"name": "DyDiT-lab-L-0.5", "batch_size": 100, "static_pass_spread": 0.01,
+            "efficiency_runs": [0.80, 0.87, 1.03]}
+    assert bench.noise_warnings([quiet, {"arch": "DiT-S/2", "batch_size": 2}]) == []  # no spread recorded: no claim
+    lines = bench.noise_warnings([quiet, spread, runs])
+    assert lines == ["DiT-XL/2, batch 4: the static passes (identical work) spread 13%",
+                     "DyDiT-lab-L-0.5, batch 100: the 3 runs read 0.800-1.030 of the ideal"]
+    rows = [quiet, spread]
+    assert bench.warn_noise(rows) is rows
+    err = capsys.readouterr().err
+    assert "too noisy" in err and "batch 4" in err and "batch 1:" not in err
+    bench.warn_noise([quiet])
+    assert capsys.readouterr().err == ""
+
+
 def test_median_of_runs_keeps_the_median_run_whole_and_every_runs_speedup():
     def row(batch, speedup, tag):
         return {"batch_size": batch, "speedup": speedup, "efficiency": speedup / 2, "static_seconds": tag}
