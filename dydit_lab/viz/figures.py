@@ -19,6 +19,7 @@ from ..analysis.loss_gap import per_run_loss, summarize_seed_gap
 from ..analysis.loss_maps import patch_loss_maps, stroke_concentration
 from ..analysis.routing import trace_sampling
 from ..analysis.tradeoff import recipe_curves
+from ..bench.run import pass_spread
 from ..checkpoints import load_model
 from ..data import mnist_split
 from ..evaluation.sampling import generate
@@ -195,11 +196,19 @@ def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
         raise FileNotFoundError(f"no benchmark results in {bench_dir}: run python -m dydit_lab bench")
     keep = ["arch", "device", "batch_size", "target_ratio", "flops_ratio", "static_seconds",
             "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup", "efficiency", "num_threads", "runs",
-            "efficiency_runs"]  # efficiency: speed-up / ideal; efficiency_runs: each of --runs N separate runs
+            "efficiency_runs", "speedup_runs", "static_pass_spread"]
+    # efficiency: speed-up / ideal; *_runs: each of --runs N separate runs; static_pass_spread: how much
+    # identical work varied within the run, (max - min) / median of the static passes
     df = pd.DataFrame(rows)
-    if "efficiency_runs" in df.columns:  # a CSV stores the list as text; show it as numbers
-        df["efficiency_runs"] = [tuple(round(e, 3) for e in (json.loads(v) if isinstance(v, str) else v))
-                                 if isinstance(v, (str, list)) else None for v in df["efficiency_runs"]]
+    lists = lambda column: [json.loads(v) if isinstance(v, str) else v for v in df[column]]  # noqa: E731 (CSV: text)
+    for column in ("efficiency_runs", "speedup_runs"):
+        if column in df.columns:
+            df[column] = [tuple(round(e, 3) for e in v) if isinstance(v, list) else None for v in lists(column)]
+    if "static_pass_seconds" in df.columns:  # rows written before the bench recorded the spread
+        derived = [pass_spread({"static": v}) if isinstance(v, list) and v else None
+                   for v in lists("static_pass_seconds")]
+        recorded = df["static_pass_spread"] if "static_pass_spread" in df.columns else pd.Series(None, index=df.index)
+        df["static_pass_spread"] = recorded.where(recorded.notna(), pd.Series(derived, index=df.index, dtype=float))
     return df[[c for c in keep if c in df.columns]]
 
 

@@ -226,23 +226,40 @@ def plot_speedup_vs_ratio(bench: pd.DataFrame, paper: pd.DataFrame | None = None
     return fig
 
 
+def _run_ranges(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per batch size, the lowest and highest speed-up of the separate runs (``speedup_runs``,
+    ``bench --runs N``) of ``rows``; batches without runs are left out."""
+    if "speedup_runs" not in rows:
+        return pd.DataFrame(columns=["batch_size", "lo", "hi"])
+    runs = rows[["batch_size", "speedup_runs"]].dropna().explode("speedup_runs")
+    runs = runs.astype({"speedup_runs": float})
+    return runs.groupby("batch_size", as_index=False)["speedup_runs"].agg(lo="min", hi="max")
+
+
 def plot_speedup_vs_batch(bench: pd.DataFrame, ax: Axes | None = None) -> Figure:
     """Speed-up vs batch size, one series per device, target and thread count (runs at
-    different thread counts are never merged into one point); log-2 batch axis."""
+    different thread counts are never merged into one point); log-2 batch axis. Where a row
+    holds separate runs (``speedup_runs``), a bar spans their lowest to highest speed-up."""
     fig, ax = _axes(ax)
     keys = [bench["device"].astype(str), bench["target_ratio"].round(2), _cpu_threads(bench)]
     for i, ((device, target, n), rows) in enumerate(bench.groupby(keys)):
+        ranges = _run_ranges(rows)
         rows = rows.groupby("batch_size", as_index=False)[["speedup", "masked_speedup"]].median()
         color = PALETTE[i % len(PALETTE)]
         where = _where(device, n)
+        if len(ranges):
+            ax.vlines(ranges["batch_size"], ranges["lo"], ranges["hi"], colors=[color], lw=3, alpha=0.45,
+                      gid="run_range")
         ax.plot(rows["batch_size"], rows["speedup"], "o-", color=color,
                 label=f"sliced, ratio {target}, {where}")
         ax.plot(rows["batch_size"], rows["masked_speedup"], "x--", color=color, alpha=0.7,
                 label=f"masked, ratio {target}, {where}")
         ax.axhline(1 / target, color=color, ls=":", lw=1)
     ax.set_xscale("log", base=2)
-    _finish_speedup_axes(ax, "batch size (images)", "Speed-up vs batch size (dotted: ideal)", legend_size=7,
-                         below=True)
+    title = "Speed-up vs batch size (dotted: ideal" + ("; bars: lowest to highest of the runs)"
+                                                        if any(c.get_gid() == "run_range" for c in ax.collections)
+                                                        else ")")
+    _finish_speedup_axes(ax, "batch size (images)", title, legend_size=7, below=True)
     return fig
 
 

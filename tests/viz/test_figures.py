@@ -33,6 +33,15 @@ def test_speedup_figure_reads_json_and_csv(tmp_path):
     table = figures.load_bench(tmp_path)
     assert {"efficiency", "efficiency_runs", "runs"} <= set(table.columns)
     assert table["efficiency_runs"].dropna().tolist() == [(0.9, 0.88, 0.93)]
+    # a row without a recorded spread gets it from its static passes; a recorded one is kept
+    (tmp_path / "c.json").write_text(json.dumps({**_bench_row(0.5, 1.7, 8), "speedup_runs": [1.7, 1.6, 1.8],
+                                                 "static_pass_seconds": [2.0, 2.5, 2.2]}))
+    (tmp_path / "d.json").write_text(json.dumps({**_bench_row(0.5, 1.7, 16), "static_pass_spread": 0.04,
+                                                 "static_pass_seconds": [2.0, 2.5, 2.2]}))
+    table = figures.load_bench(tmp_path).set_index("batch_size")
+    assert table.loc[8, "static_pass_spread"] == pytest.approx(0.5 / 2.2)
+    assert table.loc[16, "static_pass_spread"] == 0.04
+    assert table.loc[8, "speedup_runs"] == (1.7, 1.6, 1.8)
     assert fig.axes[0].get_xlabel().startswith("FLOPs fraction")
     with pytest.raises(FileNotFoundError, match="bench"):
         figures.load_bench(tmp_path / "empty")

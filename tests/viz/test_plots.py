@@ -104,6 +104,20 @@ def test_speedup_vs_batch_keeps_cpu_thread_counts_apart_and_names_no_threads_on_
     labels = [line.get_label() for line in fig.axes[0].lines if not line.get_label().startswith("_")]
     assert "sliced, ratio 0.5, cpu, 1 thread" in labels and "sliced, ratio 0.5, cpu, 2 threads" in labels
     assert "sliced, ratio 0.5, cuda" in labels
+    assert not [c for c in fig.axes[0].collections if c.get_gid() == "run_range"]  # no runs recorded: no bars
+    assert "bars" not in fig.axes[0].get_title()
+
+
+def test_speedup_vs_batch_spans_each_batchs_separate_runs():
+    row = dict(target_ratio=0.5, masked_speedup=1.0, device="cpu", num_threads=2)
+    bench = pd.DataFrame([{**row, "batch_size": 1, "speedup": 1.7, "speedup_runs": (1.5, 1.7, 1.85)},
+                          {**row, "batch_size": 4, "speedup": 1.9, "speedup_runs": (1.9, 2.05, 1.8)},
+                          {**row, "batch_size": 8, "speedup": 1.95, "speedup_runs": None}])
+    fig = plot_speedup_vs_batch(bench)
+    (bars,) = [c for c in fig.axes[0].collections if c.get_gid() == "run_range"]
+    spans = sorted((float(s[0, 0]), float(s[0, 1]), float(s[1, 1])) for s in bars.get_segments())
+    assert spans == [(1.0, 1.5, 1.85), (4.0, 1.8, 2.05)]  # batch 8 has one reading: no bar
+    assert "lowest to highest of the runs" in fig.axes[0].get_title()
 
 
 def _interval_segments(ax):
