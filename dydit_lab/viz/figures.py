@@ -213,7 +213,7 @@ def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
 
 
 LAB_BENCH_COLUMNS = ["name", "device", "num_threads", "batch_size", "steps", "flops_ratio", "speedup",
-                     "ideal_speedup", "efficiency", "masked_speedup", "runs", "source"]
+                     "ideal_speedup", "efficiency", "masked_speedup", "runs", "static_pass_spread", "source"]
 
 
 def load_lab_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:

@@ -30,6 +30,7 @@ def test_checkpoint_speedup_times_the_routing_of_a_real_run():
     assert record["ideal_speedup"] == pytest.approx(1 / record["flops_ratio"])
     assert record["num_threads"] == torch.get_num_threads()
     assert record["static_pass_spread"] == 0  # one timed pass: nothing to spread
+    assert all(len(record[f"{path}_pass_seconds"]) == 1 for path in ("static", "dynamic", "masked"))
     # the sliced outputs are the masked path's, decision for decision
     assert record["token_decisions"] == 3 * 4 * len(model.blocks) * model.x_embedder.num_patches
     assert record["token_decisions_flipped"] == 0 and record["max_relative_diff_sliced_masked"] < 1e-5

@@ -52,7 +52,8 @@ def test_lab_bench_reads_bench_sweeps_and_compare_retimings(tmp_path):
     (tmp_path / "lab").mkdir()
     pd.DataFrame([{"name": "DyDiT-lab-L-0.5", "device": "cpu", "num_threads": 2, "batch_size": 100, "steps": 50,
                    "flops_ratio": 0.52, "speedup": 1.9, "ideal_speedup": 1 / 0.52, "efficiency": 1.9 * 0.52,
-                   "masked_speedup": 0.97}]).to_csv(tmp_path / "lab" / "cpu.csv", index=False)
+                   "masked_speedup": 0.97, "static_pass_spread": 0.03}]).to_csv(tmp_path / "lab" / "cpu.csv",
+                                                                                  index=False)
     pd.DataFrame([{"name": "static: 50 steps", "flops_fraction": 1.0, "speedup": 1.0, "ideal_speedup": 1.0,
                    "device": "cuda", "timing_samples": 100, "steps": 50},
                   {"name": "DyDiT: lambda = 0.5", "flops_fraction": 0.5, "speedup": 0.6, "ideal_speedup": 2.0,
@@ -61,6 +62,8 @@ def test_lab_bench_reads_bench_sweeps_and_compare_retimings(tmp_path):
     lab = figures.load_lab_bench(tmp_path)
     assert list(lab.columns) == figures.LAB_BENCH_COLUMNS and len(lab) == 2  # the compare run's static row dropped
     gpu = lab[lab["device"] == "cuda"].iloc[0]
+    assert lab[lab["device"] == "cpu"]["static_pass_spread"].tolist() == [0.03]  # a compare re-timing has none
+    assert pd.isna(gpu["static_pass_spread"])
     assert gpu["efficiency"] == pytest.approx(0.3) and gpu["batch_size"] == 100 and gpu["flops_ratio"] == 0.5
     (tmp_path / "sweep.csv").write_text(pd.DataFrame([_bench_row(0.5, 1.9)]).to_csv(index=False))
     fig, _ = figures.speedup_figure(figures.load_bench(tmp_path), lab=lab)
