@@ -19,7 +19,7 @@ from ..analysis.routing import RoutingTrace, trace_sampling
 from ..checkpoints import load_model
 from ..models.dydit import CompleteModel, DyDiT
 from ..paths import resolve_device
-from .run import mean_flops_fraction, pass_spread, sliced_vs_masked, time_paths
+from .run import mean_flops_fraction, pass_fields, sliced_vs_masked, time_paths
 from .setup import describe_device, set_threads
 from .workload import BenchInputs
 
@@ -71,9 +71,7 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
         "device_name": describe_device(device),
         "batch_size": batch_size, "steps": steps, "repeats": repeats, "flops_ratio": flops_ratio,
         "static_seconds": per_step["static"], "dynamic_seconds": per_step["sliced"],
-        "masked_seconds": per_step["masked"], "speedup": speedup, "static_pass_spread": pass_spread(timing["times"]),
-        **{f"{label}_pass_seconds": timing["times"][path]
-           for label, path in (("static", "static"), ("dynamic", "sliced"), ("masked", "masked"))},
+        "masked_seconds": per_step["masked"], "speedup": speedup, **pass_fields(timing["times"]),
         "masked_speedup": per_step["static"] / per_step["masked"], "ideal_speedup": 1 / flops_ratio,
         "efficiency": speedup * flops_ratio, "token_keep_rate": mean(r.tokens for r in routings),
         "max_relative_diff_sliced_masked": agreement["max_relative_diff_sliced_masked"],

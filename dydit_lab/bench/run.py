@@ -105,11 +105,17 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
 NOISY_SPREAD = 0.05  # identical work varying more than this cannot resolve the few per cent the bench claims
 
 
-def pass_spread(times: dict[str, list[float]]) -> float:
-    """How much identical work varied within one run: the static passes' (max - min) / median.
-    Fractions of the ideal read to a few per cent need this well under :data:`NOISY_SPREAD`."""
-    static = times["static"]
-    return (max(static) - min(static)) / statistics.median(static)
+def pass_spread(seconds: list[float]) -> float:
+    """How much identical work varied within one run: (max - min) / median of its passes' times.
+    Fractions of the ideal read to a few per cent need the static passes' well under :data:`NOISY_SPREAD`."""
+    return (max(seconds) - min(seconds)) / statistics.median(seconds)
+
+
+def pass_fields(times: dict[str, list[float]]) -> dict:
+    """The raw pass times of :func:`time_paths` (``times``) as a result record holds them, and the
+    static passes' :func:`pass_spread`."""
+    return {"static_pass_seconds": times["static"], "dynamic_pass_seconds": times["sliced"],
+            "masked_pass_seconds": times["masked"], "static_pass_spread": pass_spread(times["static"])}
 
 
 def sliced_vs_masked(outputs: dict) -> dict:
@@ -219,10 +225,7 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
         "group_fraction_per_step": summary["group_fraction_per_step"],
         "token_keep_rate_per_step": summary["token_keep_rate_per_step"],
         "static_gflops_per_sample": total / 1e9,
-        "static_pass_seconds": timing["times"]["static"],
-        "dynamic_pass_seconds": timing["times"]["sliced"],
-        "masked_pass_seconds": timing["times"]["masked"],
-        "static_pass_spread": pass_spread(timing["times"]),
+        **pass_fields(timing["times"]),
         "routing_agree": routing_agree,
         "max_abs_diff_sliced_masked": agreement["max_abs_diff_sliced_masked"],
         "token_decisions_flipped": agreement["token_decisions_flipped"],

@@ -205,7 +205,7 @@ def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
         if column in df.columns:
             df[column] = [tuple(round(e, 3) for e in v) if isinstance(v, list) else None for v in lists(column)]
     if "static_pass_seconds" in df.columns:  # rows written before the bench recorded the spread
-        derived = [pass_spread({"static": v}) if isinstance(v, list) and v else None
+        derived = [pass_spread(v) if isinstance(v, list) and v else None
                    for v in lists("static_pass_seconds")]
         recorded = df["static_pass_spread"] if "static_pass_spread" in df.columns else pd.Series(None, index=df.index)
         df["static_pass_spread"] = recorded.where(recorded.notna(), pd.Series(derived, index=df.index, dtype=float))

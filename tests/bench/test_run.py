@@ -93,9 +93,12 @@ def test_paths_are_interleaved_at_every_step_in_a_rotating_order(models, inputs)
 
 
 def test_pass_spread_is_the_static_passes_range_over_their_median(result):
-    assert bench.pass_spread({"static": [1.0, 1.2, 0.9], "sliced": [9.0, 1.0]}) == pytest.approx(0.3)
-    assert bench.pass_spread({"static": [2.0]}) == 0
+    assert bench.pass_spread([1.0, 1.2, 0.9]) == pytest.approx(0.3)
+    assert bench.pass_spread([2.0]) == 0
     assert result["static_pass_spread"] == 0  # repeats=1: one pass per path
+    fields = bench.pass_fields({"static": [1.0, 1.2, 0.9], "sliced": [0.5, 0.6, 0.5], "masked": [1.1, 1.0, 1.2]})
+    assert fields["static_pass_spread"] == pytest.approx(0.3) and fields["dynamic_pass_seconds"] == [0.5, 0.6, 0.5]
+    assert fields["masked_pass_seconds"] == [1.1, 1.0, 1.2] and fields["static_pass_seconds"] == [1.0, 1.2, 0.9]
 
 
 def test_noise_warnings_name_the_rows_a_noisy_machine_leaves_unresolved(capsys):
