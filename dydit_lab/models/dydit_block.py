@@ -120,7 +120,7 @@ class DyDiTBlock(DiTBlock):
         if idx.numel() == B * N:
             x = self.mlp_residual(x, gate_mlp, self.sliced_mlp(self.mlp_input(x, shift_mlp, scale_mlp), w, groups))
         elif idx.numel():
-            sample = torch.div(idx, N, rounding_mode="floor")
+            sample = None if B == 1 else torch.div(idx, N, rounding_mode="floor")  # one sample: no gathers
             h = self.kept_mlp_input(x, idx, sample, shift_mlp, scale_mlp)
             x = self.kept_mlp_residual(x, idx, sample, gate_mlp, self.sliced_mlp(h, w, groups))
         return x, keep
@@ -138,21 +138,24 @@ class DyDiTBlock(DiTBlock):
 
     def kept_mlp_input(self, x, idx, sample, shift, scale):
         """norm2 and modulation of the kept tokens only: rows ``idx`` of the flattened x, each
-        with the shift and scale of its ``sample`` (one sample: no gather, see ``LayerNorm.modulated``)."""
+        with the shift and scale of its ``sample`` (None for a batch of one: no gather, and
+        ``LayerNorm.modulated`` folds the modulation into the norm)."""
         rows = x.reshape(-1, x.shape[-1]).index_select(0, idx)
-        if shift.shape[0] == 1:
+        if sample is None:
             return self.norm2.modulated(rows, shift, scale)
         return torch.addcmul(shift.index_select(0, sample), self.norm2(rows), (1 + scale).index_select(0, sample))
 
     def kept_mlp_residual(self, x, idx, sample, gate, out):
         """x + gate * out on the kept rows ``idx`` only, added in place (x is this block's own
-        tensor, made by the attention's residual)."""
+        tensor, made by the attention's residual; ``out``, the MLP's own, is scaled in place)."""
         B, N, C = x.shape
-        return x.reshape(B * N, C).index_add_(0, idx, out * gate.index_select(0, sample)).view(B, N, C)
+        row_gate = gate if sample is None else gate.index_select(0, sample)
+        return x.reshape(B * N, C).index_add_(0, idx, _times_gates(out, row_gate)).view(B, N, C)
 
     def sliced_mlp(self, h, w: _SlicedWeights, groups: tuple[int, ...]):
         """The MLP on the active ``groups`` only (``w``: :meth:`sliced_weights` of this width);
-        with none (2024 release), GELU(0) = 0 leaves fc2's bias."""
+        with none (2024 release), GELU(0) = 0 leaves fc2's bias (a tensor of its own, like
+        the MLP's output: the residual scales it in place)."""
         if not groups:
-            return self.mlp.fc2.bias.expand(*h.shape[:-1], -1)
+            return self.mlp.fc2.bias.expand(*h.shape[:-1], -1).clone()
         return F.linear(self.mlp.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, self.mlp.fc2.bias)

@@ -49,6 +49,17 @@ def test_blocks_that_keep_every_token_or_none_equal_the_masked_path(token_bias):
         assert r_sliced.tokens.all() if token_bias > 0 else not r_sliced.tokens.any()
 
 
+def test_a_batch_of_one_equals_the_masked_path():
+    """One sample takes the kept-token MLP without per-sample gathers of shift, scale and gate."""
+    model = random_dydit()
+    x, y = torch.randn(1, 1, 32, 32), torch.tensor([7])
+    for t in (300, 900):
+        masked, sliced, r_masked, r_sliced = run_both(model, x, torch.tensor([t]), y)
+        assert ((sliced - masked).norm() / masked.norm()).item() < 1e-5
+        assert torch.equal(r_sliced.tokens, r_masked.tokens)
+        assert 0 < r_sliced.tokens.mean().item() < 1  # some tokens kept, some skipped
+
+
 def test_host_and_device_timesteps_give_the_same_output():
     model = random_dydit()
     x, y = torch.randn(2, 1, 32, 32), torch.tensor([4, 5])
