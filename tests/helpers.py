@@ -99,6 +99,7 @@ BENCH_RESULT_KEYS = {
     "static_seconds", "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup",
     "ideal_speedup", "efficiency", "token_keep_rate", "head_fraction", "group_fraction",
     "flops_ratio_per_step", "static_pass_spread", "torch_version", "num_threads", "timestamp",
+    "static_faults_per_pass", "dynamic_faults_per_pass", "freed_memory_kept",
 }
 
 

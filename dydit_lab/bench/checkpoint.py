@@ -71,7 +71,7 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
         "device_name": describe_device(device),
         "batch_size": batch_size, "steps": steps, "repeats": repeats, "flops_ratio": flops_ratio,
         "static_seconds": per_step["static"], "dynamic_seconds": per_step["sliced"],
-        "masked_seconds": per_step["masked"], "speedup": speedup, **pass_fields(timing["times"]),
+        "masked_seconds": per_step["masked"], "speedup": speedup, **pass_fields(timing),
         "masked_speedup": per_step["static"] / per_step["masked"], "ideal_speedup": 1 / flops_ratio,
         "efficiency": speedup * flops_ratio, "token_keep_rate": mean(r.tokens for r in routings),
         "max_relative_diff_sliced_masked": agreement["max_relative_diff_sliced_masked"],

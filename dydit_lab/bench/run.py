@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..memory import freed_memory_kept, minor_page_faults
 from ..models import flops as flops_lib
 from ..models.configs import DiTConfig, get_config
 from ..models.dit import DiT
@@ -87,19 +88,22 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
     if observer is not None:
         observer.reset()
     times = {name: [] for name in paths}
+    faults = dict.fromkeys(paths, 0)  # fresh pages each path touched (see dydit_lab.memory)
     for _ in range(repeats):
         totals = dict.fromkeys(paths, 0.0)
         outs = {name: [] for name in paths}
         for step, (x, t) in enumerate(zip(inputs.x, inputs.t)):
             for k in range(len(names)):
                 name = names[(step + k) % len(names)]
+                faults_before = minor_page_faults()
                 seconds, out = call(name, x, t)
+                faults[name] += minor_page_faults() - faults_before
                 totals[name] += seconds
                 outs[name].append(out)
         for name in paths:
             times[name].append(totals[name])
     dydit.execution = "sliced"
-    return {"times": times, "outputs": outs}
+    return {"times": times, "outputs": outs, "faults": {name: n / repeats for name, n in faults.items()}}
 
 
 NOISY_SPREAD = 0.05  # identical work varying more than this cannot resolve the few per cent the bench claims
@@ -111,11 +115,15 @@ def pass_spread(seconds: list[float]) -> float:
     return (max(seconds) - min(seconds)) / statistics.median(seconds)
 
 
-def pass_fields(times: dict[str, list[float]]) -> dict:
-    """The raw pass times of :func:`time_paths` (``times``) as a result record holds them, and the
-    static passes' :func:`pass_spread`."""
+def pass_fields(timing: dict) -> dict:
+    """What a result record keeps of :func:`time_paths`'s ``timing``: the raw pass times, the
+    static passes' :func:`pass_spread`, each path's page faults per pass and whether freed
+    buffers were kept for reuse (:mod:`dydit_lab.memory`; without it the faults cost time)."""
+    times, faults = timing["times"], timing["faults"]
     return {"static_pass_seconds": times["static"], "dynamic_pass_seconds": times["sliced"],
-            "masked_pass_seconds": times["masked"], "static_pass_spread": pass_spread(times["static"])}
+            "masked_pass_seconds": times["masked"], "static_pass_spread": pass_spread(times["static"]),
+            "static_faults_per_pass": faults["static"], "dynamic_faults_per_pass": faults["sliced"],
+            "masked_faults_per_pass": faults["masked"], "freed_memory_kept": freed_memory_kept()}
 
 
 def sliced_vs_masked(outputs: dict) -> dict:
@@ -225,7 +233,7 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
         "group_fraction_per_step": summary["group_fraction_per_step"],
         "token_keep_rate_per_step": summary["token_keep_rate_per_step"],
         "static_gflops_per_sample": total / 1e9,
-        **pass_fields(timing["times"]),
+        **pass_fields(timing),
         "routing_agree": routing_agree,
         "max_abs_diff_sliced_masked": agreement["max_abs_diff_sliced_masked"],
         "token_decisions_flipped": agreement["token_decisions_flipped"],

@@ -10,6 +10,7 @@ import torch
 
 from dydit_lab.bench import run as bench
 from dydit_lab.bench.workload import build_models
+from dydit_lab.memory import freed_memory_kept
 from dydit_lab.paths import resolve_device
 from tests.helpers import BENCH_ARCH as ARCH, BENCH_BATCH as BATCH, BENCH_RESULT_KEYS as REQUIRED_KEYS
 from tests.helpers import BENCH_STEPS as STEPS
@@ -89,6 +90,7 @@ def test_paths_are_interleaved_at_every_step_in_a_rotating_order(models, inputs)
         assert sorted(timed[i:i + 3]) == ["masked", "sliced", "static"]  # each step: every path once
     assert len(set(firsts[:3])) == min(3, steps)  # the leading path rotates from step to step
     assert {k: len(v) for k, v in timing["times"].items()} == {"static": 2, "sliced": 2, "masked": 2}
+    assert set(timing["faults"]) == {"static", "sliced", "masked"} and all(n >= 0 for n in timing["faults"].values())
     assert all(len(v) == steps for v in timing["outputs"].values())
 
 
@@ -96,9 +98,12 @@ def test_pass_spread_is_the_static_passes_range_over_their_median(result):
     assert bench.pass_spread([1.0, 1.2, 0.9]) == pytest.approx(0.3)
     assert bench.pass_spread([2.0]) == 0
     assert result["static_pass_spread"] == 0  # repeats=1: one pass per path
-    fields = bench.pass_fields({"static": [1.0, 1.2, 0.9], "sliced": [0.5, 0.6, 0.5], "masked": [1.1, 1.0, 1.2]})
+    fields = bench.pass_fields({"times": {"static": [1.0, 1.2, 0.9], "sliced": [0.5, 0.6, 0.5], "masked": [1.1, 1.0, 1.2]},
+                                "faults": {"static": 4.0, "sliced": 0.0, "masked": 2.5}})
     assert fields["static_pass_spread"] == pytest.approx(0.3) and fields["dynamic_pass_seconds"] == [0.5, 0.6, 0.5]
     assert fields["masked_pass_seconds"] == [1.1, 1.0, 1.2] and fields["static_pass_seconds"] == [1.0, 1.2, 0.9]
+    assert (fields["static_faults_per_pass"], fields["dynamic_faults_per_pass"], fields["masked_faults_per_pass"]) == (4, 0, 2.5)
+    assert fields["freed_memory_kept"] is freed_memory_kept()
 
 
 def test_noise_warnings_name_the_rows_a_noisy_machine_leaves_unresolved(capsys):
