@@ -8,14 +8,15 @@ import pytest
 
 from dydit_lab import memory
 
-# Allocate and free a 96 MB tensor (above glibc's largest automatic mmap threshold, 32 MB) three
-# times, as a sampling loop does every step: print the minor page faults of the last round.
+# Allocate and free a 96 MB tensor (above glibc's largest automatic mmap threshold, 32 MB) six
+# times, as a sampling loop does every step: print the minor page faults of the last round (with
+# the setting, the first one to three rounds still take fresh pages while the heap settles).
 PROBE = """
 import sys, torch
 from dydit_lab import memory
 if sys.argv[1] == "keep":
     assert memory.keep_freed_memory() and memory.freed_memory_kept()
-for _ in range(3):
+for _ in range(6):
     before = memory.minor_page_faults()
     x = torch.ones(24 * 2**20); del x
 print(memory.minor_page_faults() - before)
