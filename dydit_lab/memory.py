@@ -4,8 +4,8 @@ With glibc's default settings, malloc hands large freed blocks back to the opera
 (``munmap`` above its mmap threshold, a heap trim at the top of the heap) and takes fresh ones for
 the next forward, and every page of a fresh block costs a page fault and zeroing by the kernel.
 A sampling loop frees and re-allocates the same activations every step, so on a CPU the faults
-recur every step: tens of thousands per forward for a lab model at batch 100 and for a sliced
-DiT-XL/2 at batch 8, whose widths differ from block to block. :func:`keep_freed_memory` raises
+recur every step, most where large activations are freed and re-requested in changing sizes
+(several paths interleaved, or blocks of different widths). :func:`keep_freed_memory` raises
 both thresholds once per process; freed blocks then stay in the heap (the process keeps its peak
 footprint) and are reused. ``python -m dydit_lab`` does this before every command.
 """
