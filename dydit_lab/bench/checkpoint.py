@@ -71,7 +71,7 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
         "device_name": describe_device(device),
         "batch_size": batch_size, "steps": steps, "repeats": repeats, "flops_ratio": flops_ratio,
         "static_seconds": per_step["static"], "dynamic_seconds": per_step["sliced"],
-        "masked_seconds": per_step["masked"], "speedup": speedup, **pass_fields(timing),
+        "masked_seconds": per_step["masked"], "speedup": speedup, **pass_fields(timing, flops_ratio),
         "masked_speedup": per_step["static"] / per_step["masked"], "ideal_speedup": 1 / flops_ratio,
         "efficiency": speedup * flops_ratio, "token_keep_rate": mean(r.tokens for r in routings),
         "max_relative_diff_sliced_masked": agreement["max_relative_diff_sliced_masked"],
@@ -93,5 +93,5 @@ def checkpoint_sweep(checkpoint: str, batch_sizes: list[int], steps: int = 50, r
         rows.append({"checkpoint": str(checkpoint), **row})
         if progress:
             print(f"{row['name']} batch {batch}: {row['speedup']:.3f}x of ideal {row['ideal_speedup']:.3f}x "
-                  f"({row['efficiency']:.3f}), {row['num_threads']} thread(s)", file=sys.stderr, flush=True)
+                  f"({row['efficiency']:.3f}; best pass {row['best_pass_efficiency']:.3f}), {row['num_threads']} thread(s)", file=sys.stderr, flush=True)
     return rows

@@ -92,18 +92,36 @@ def test_paths_are_interleaved_at_every_step_in_a_rotating_order(models, inputs)
     assert {k: len(v) for k, v in timing["times"].items()} == {"static": 2, "sliced": 2, "masked": 2}
     assert set(timing["faults"]) == {"static", "sliced", "masked"} and all(n >= 0 for n in timing["faults"].values())
     assert all(len(v) == steps for v in timing["outputs"].values())
+    for name, passes in timing["step_seconds"].items():  # every timed forward, per pass and step
+        assert len(passes) == 2 and all(len(p) == steps for p in passes)
+        assert [sum(p) for p in passes] == pytest.approx(timing["times"][name])
 
 
 def test_pass_spread_is_the_static_passes_range_over_their_median(result):
     assert bench.pass_spread([1.0, 1.2, 0.9]) == pytest.approx(0.3)
     assert bench.pass_spread([2.0]) == 0
     assert result["static_pass_spread"] == 0  # repeats=1: one pass per path
+    steps = {"static": [[0.5, 0.5], [0.4, 0.8], [0.6, 0.3]], "sliced": [[0.2, 0.3], [0.3, 0.3], [0.3, 0.2]],
+             "masked": [[0.5, 0.6], [0.5, 0.5], [0.6, 0.6]]}
     fields = bench.pass_fields({"times": {"static": [1.0, 1.2, 0.9], "sliced": [0.5, 0.6, 0.5], "masked": [1.1, 1.0, 1.2]},
-                                "faults": {"static": 4.0, "sliced": 0.0, "masked": 2.5}})
+                                "step_seconds": steps, "faults": {"static": 4.0, "sliced": 0.0, "masked": 2.5}}, 0.5)
     assert fields["static_pass_spread"] == pytest.approx(0.3) and fields["dynamic_pass_seconds"] == [0.5, 0.6, 0.5]
     assert fields["masked_pass_seconds"] == [1.1, 1.0, 1.2] and fields["static_pass_seconds"] == [1.0, 1.2, 0.9]
     assert (fields["static_faults_per_pass"], fields["dynamic_faults_per_pass"], fields["masked_faults_per_pass"]) == (4, 0, 2.5)
     assert fields["freed_memory_kept"] is freed_memory_kept()
+    # best pass: each step's fastest forward, summed (static 0.4 + 0.3, sliced 0.2 + 0.2, masked 0.5 + 0.5)
+    assert (fields["static_best_pass_seconds"], fields["dynamic_best_pass_seconds"],
+            fields["masked_best_pass_seconds"]) == pytest.approx((0.7, 0.4, 1.0))
+    assert fields["best_pass_speedup"] == pytest.approx(1.75) and fields["best_pass_efficiency"] == pytest.approx(0.875)
+    assert fields["best_pass_masked_speedup"] == pytest.approx(0.7)
+
+
+def test_best_pass_sums_each_steps_fastest_forward():
+    assert bench.best_pass([[1.0, 2.0, 3.0]]) == 6.0  # one pass: itself
+    assert bench.best_pass([[1.0, 2.5], [1.5, 2.0], [1.2, 9.0]]) == pytest.approx(3.0)  # min per step, not per pass
+    for bad in ([], [[1.0, 2.0], [1.0]]):
+        with pytest.raises(ValueError, match="same number of steps"):
+            bench.best_pass(bad)
 
 
 def test_noise_warnings_name_the_rows_a_noisy_machine_leaves_unresolved(capsys):
@@ -125,7 +143,8 @@ def test_noise_warnings_name_the_rows_a_noisy_machine_leaves_unresolved(capsys):
 
 def test_median_of_runs_keeps_the_median_run_whole_and_every_runs_speedup():
     def row(batch, speedup, tag):
-        return {"batch_size": batch, "speedup": speedup, "efficiency": speedup / 2, "static_seconds": tag}
+        return {"batch_size": batch, "speedup": speedup, "efficiency": speedup / 2, "static_seconds": tag,
+                "best_pass_efficiency": speedup / 1.8, "best_pass_masked_speedup": 1.0}
     runs = [[row(1, 1.9, "a1"), row(4, 2.1, "a4")],
             [row(1, 1.7, "b1"), row(4, 1.8, "b4")],
             [row(1, 2.0, "c1"), row(4, 1.9, "c4")]]
@@ -133,6 +152,11 @@ def test_median_of_runs_keeps_the_median_run_whole_and_every_runs_speedup():
     assert [r["static_seconds"] for r in rows] == ["a1", "c4"]  # every number from the median run
     assert rows[0]["runs"] == 3 and rows[0]["speedup_runs"] == [1.9, 1.7, 2.0]
     assert rows[1]["efficiency_runs"] == [1.05, 0.9, 0.95]
+    assert rows[1]["best_pass_efficiency_runs"] == pytest.approx([2.1 / 1.8, 1.0, 1.9 / 1.8])
+    assert rows[1]["best_pass_efficiency_median"] == pytest.approx(1.9 / 1.8)  # its own median, of every run
+    assert rows[0]["best_pass_masked_speedup_median"] == 1.0
+    old = [{k: v for k, v in r.items() if not k.startswith("best_pass")} for r in runs[0]]
+    assert "best_pass_efficiency_runs" not in bench.median_of_runs([old])[0]  # rows of an older bench
     assert [r["static_seconds"] for r in bench.median_of_runs(runs[:2])] == ["b1", "b4"]  # lower median
     assert bench.median_of_runs(runs[:1])[0]["runs"] == 1
     with pytest.raises(ValueError, match="same batch sizes"):
