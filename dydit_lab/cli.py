@@ -12,7 +12,7 @@ import sys
 
 from .analysis.commands import add_commands as add_analysis_commands
 from .bench.checkpoint import checkpoint_sweep
-from .bench.profile import describe_profile, profile_checkpoint, run_profile
+from .bench.profile import PROFILE_KINDS, describe_profile, profile_checkpoint, run_profile
 from .bench.run import median_of_runs, parse_batch_list, run_benchmark, run_sweep, sweep_name, warn_noise, write_csv
 from .caching.commands import add_commands as add_caching_commands
 from .checkpoints import export_checkpoint, load_model
@@ -338,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="CSV name for --sweep-batch (default from arch/device/target)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--profile", nargs="?", const="ops", choices=("ops", "stages"),
-                   help="instead of timing, where the time goes: ops (torch.profiler) or stages (wall clock)")
+    p.add_argument("--profile", nargs="?", const="ops", choices=PROFILE_KINDS, help="instead of timing, where the "
+                   "time goes: ops (torch.profiler) or stages (wall clock); noise: can this machine read the bench")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("flexi-finetune", help="fine-tune a DiT into a FlexiDiT (extra coarse patch)")
     _add_dataclass_flags(p, FlexiFinetuneConfig)

@@ -2,7 +2,8 @@
 benchmark's inputs, with each op's self time grouped into a few categories (matmuls, attention,
 token gather/scatter, norms and elementwise, the rest), so the gap between the measured and the
 ideal speed-up can be attributed; or, with ``kind="stages"``, the wall-clock time of each stage
-of the forward (:mod:`.stages`).
+of the forward (:mod:`.stages`); or, with ``kind="noise"``, whether this machine can read the
+bench at all (:mod:`.noise`: a known ratio measured the bench's way).
 
 ``python -m dydit_lab bench --arch DiT-XL/2 --batch-size 8 --profile``
 ``python -m dydit_lab bench --checkpoint data/checkpoints/DyDiT-lab-L-0.5.pt --batch-size 100 --steps 50 --profile``
@@ -17,6 +18,7 @@ from ..models.dit import DiT
 from ..models.dydit import CompleteModel, DyDiT
 from ..paths import resolve_device
 from .checkpoint import own_run, trace_inputs
+from .noise import describe_noise, duration_control
 from .setup import prepare_bench
 from .stages import describe_stages, stage_breakdown
 from .workload import BenchInputs
@@ -66,18 +68,21 @@ def profile_pass(fn, inputs: BenchInputs, device: torch.device, top: int = 12) -
                          "share": e.self_cpu_time_total / total} for e in ops]}
 
 
-PROFILE_KINDS = ("ops", "stages")
+PROFILE_KINDS = ("ops", "stages", "noise")
 
 
 def profile_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, device: torch.device, top: int = 12,
                   kind: str = "ops", repeats: int = 3) -> dict:
     """Where the static DiT's and the sliced DyDiT's time goes (routers already set):
     ``kind="ops"``, :func:`profile_pass` of each (op self times by category); ``"stages"``,
-    :func:`.stages.stage_breakdown` (wall-clock time of each stage, ``repeats`` passes)."""
+    :func:`.stages.stage_breakdown` (wall-clock time of each stage, ``repeats`` passes);
+    ``"noise"``, :func:`.noise.duration_control` of the static model (``repeats`` passes)."""
     if kind not in PROFILE_KINDS:
         raise ValueError(f"profile kind must be one of {PROFILE_KINDS}, got {kind!r}")
     if kind == "stages":
         return stage_breakdown(dit, dydit, inputs, device, repeats)
+    if kind == "noise":
+        return duration_control(dit, inputs, device, repeats)
     dit.eval(), dydit.eval()
     dydit.execution = "sliced"
     return {"kind": "ops", "static": profile_pass(dit, inputs, device, top),
@@ -114,8 +119,8 @@ def describe_profile(result: dict) -> str:
                else f"FLOPs fraction {result['flops_fraction']:.3f}")  # a checkpoint routes as trained
     lines = [f"{result['arch']}, batch {result['batch_size']}, {result['steps']} steps, "
              f"{setting}, {result['num_threads']} thread(s), {result['device']}"]
-    if result["kind"] == "stages":
-        return "\n".join(lines + [describe_stages(result)])
+    if result["kind"] in ("stages", "noise"):
+        return "\n".join(lines + [(describe_stages if result["kind"] == "stages" else describe_noise)(result)])
     for path in ("static", "sliced"):
         part = result[path]
         shares = ", ".join(f"{name} {share:.0%}" for name, share in part["categories"].items())

@@ -48,24 +48,10 @@ def _timed_call(fn, x, t, y, device: torch.device) -> tuple[float, object]:
 
 def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
                device: torch.device | None = None, observer=None) -> dict:
-    """Seconds per pass over the steps of the static DiT and of DyDiT sliced/masked.
-
-    One untimed warm-up pass per path (it also fills the sliced-weight cache), then
-    ``repeats`` timed passes. The paths are interleaved at every step, in an order that
-    rotates from step to step: a shared machine's speed drifts by tens of percent over
-    seconds, and a drift that hits one forward of each path in turn cancels in their ratio
-    (interleaving whole passes let it land on one path). A pass's outputs stay alive until
-    it ends, as in a sampling run (the allocator then keeps freed buffers; freeing each
-    output at once changes both paths' times). Returns each path's per-pass totals and the
-    last pass's outputs (and routings), and every forward's seconds (``step_seconds[path]``:
-    one list per pass, one time per step) for :func:`best_pass`.
-
-    ``observer`` (e.g. the :class:`.stages.StageTotals` of ``stage_clocks``) gets
-    ``observer.path`` set to the path name before every forward and ``observer.reset()``
-    called after the warm-up.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be positive, got {repeats}")
+    """Seconds per pass over the steps of the static DiT and of DyDiT sliced/masked
+    (:func:`time_interleaved` of the three paths, named ``static``, ``sliced``, ``masked``).
+    Returns each path's per-pass totals, every forward's seconds, page faults per pass, and the
+    last pass's outputs (and routings)."""
     device = device or next(dit.parameters()).device
     dit.eval(), dydit.eval()
 
@@ -75,7 +61,34 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
             return dydit(x, t, y, return_routing=True)
         return fn
 
-    paths = {"static": dit, "sliced": dynamic("sliced"), "masked": dynamic("masked")}
+    try:
+        return time_interleaved({"static": dit, "sliced": dynamic("sliced"), "masked": dynamic("masked")},
+                                inputs, repeats, device, observer)
+    finally:
+        dydit.execution = "sliced"
+
+
+def time_interleaved(paths: dict, inputs: BenchInputs, repeats: int, device: torch.device,
+                     observer=None) -> dict:
+    """Seconds per pass over the steps of each of ``paths`` (name -> ``fn(x, t, y)``).
+
+    One untimed warm-up pass per path (it also fills the sliced-weight cache), then
+    ``repeats`` timed passes. The paths are interleaved at every step, in an order that
+    rotates from step to step: a shared machine's speed drifts by tens of percent over
+    seconds, and a drift that hits one forward of each path in turn cancels in their ratio
+    (interleaving whole passes let it land on one path). A pass's outputs stay alive until
+    it ends, as in a sampling run (the allocator then keeps freed buffers; freeing each
+    output at once changes both paths' times). Returns each path's per-pass totals
+    (``times``), every forward's seconds (``step_seconds[path]``: one list per pass, one time
+    per step, for :func:`best_pass`), fresh pages faulted per pass (``faults``) and the last
+    pass's outputs.
+
+    ``observer`` (e.g. the :class:`.stages.StageTotals` of ``stage_clocks``) gets
+    ``observer.path`` set to the path name before every forward and ``observer.reset()``
+    called after the warm-up.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be positive, got {repeats}")
     names = list(paths)
 
     def call(name, x, t):
@@ -88,13 +101,12 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
             call(name, x, t)
     if observer is not None:
         observer.reset()
-    times = {name: [] for name in paths}
-    step_seconds = {name: [] for name in paths}
-    faults = dict.fromkeys(paths, 0)  # fresh pages each path touched (see dydit_lab.memory)
+    times = {name: [] for name in names}
+    step_seconds = {name: [] for name in names}
+    faults = dict.fromkeys(names, 0)  # fresh pages each path touched (see dydit_lab.memory)
     for _ in range(repeats):
-        totals = dict.fromkeys(paths, 0.0)
-        outs = {name: [] for name in paths}
-        for name in paths:
+        outs = {name: [] for name in names}
+        for name in names:
             step_seconds[name].append([])
         for step, (x, t) in enumerate(zip(inputs.x, inputs.t)):
             for k in range(len(names)):
@@ -102,12 +114,10 @@ def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
                 faults_before = minor_page_faults()
                 seconds, out = call(name, x, t)
                 faults[name] += minor_page_faults() - faults_before
-                totals[name] += seconds
                 step_seconds[name][-1].append(seconds)
                 outs[name].append(out)
-        for name in paths:
-            times[name].append(totals[name])
-    dydit.execution = "sliced"
+        for name in names:
+            times[name].append(sum(step_seconds[name][-1]))
     return {"times": times, "step_seconds": step_seconds, "outputs": outs,
             "faults": {name: n / repeats for name, n in faults.items()}}
 
