@@ -196,12 +196,14 @@ def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
         raise FileNotFoundError(f"no benchmark results in {bench_dir}: run python -m dydit_lab bench")
     keep = ["arch", "device", "batch_size", "target_ratio", "flops_ratio", "static_seconds",
             "dynamic_seconds", "masked_seconds", "speedup", "masked_speedup", "efficiency", "num_threads", "runs",
-            "efficiency_runs", "speedup_runs", "static_pass_spread"]
+            "efficiency_runs", "speedup_runs", "static_pass_spread", "best_pass_efficiency_median",
+            "best_pass_efficiency_runs"]
     # efficiency: speed-up / ideal; *_runs: each of --runs N separate runs; static_pass_spread: how much
-    # identical work varied within the run, (max - min) / median of the static passes
+    # identical work varied within the run, (max - min) / median of the static passes; best_pass_*: the
+    # same read off each step's fastest forward (bench.run.best_pass; rows from before session 24 lack it)
     df = pd.DataFrame(rows)
     lists = lambda column: [json.loads(v) if isinstance(v, str) else v for v in df[column]]  # noqa: E731 (CSV: text)
-    for column in ("efficiency_runs", "speedup_runs"):
+    for column in ("efficiency_runs", "speedup_runs", "best_pass_efficiency_runs"):
         if column in df.columns:
             df[column] = [tuple(round(e, 3) for e in v) if isinstance(v, list) else None for v in lists(column)]
     if "static_pass_seconds" in df.columns:  # rows written before the bench recorded the spread
@@ -213,7 +215,8 @@ def load_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:
 
 
 LAB_BENCH_COLUMNS = ["name", "device", "num_threads", "batch_size", "steps", "flops_ratio", "speedup",
-                     "ideal_speedup", "efficiency", "masked_speedup", "runs", "static_pass_spread", "source"]
+                     "ideal_speedup", "efficiency", "masked_speedup", "runs", "static_pass_spread",
+                     "best_pass_efficiency_median", "source"]
 
 
 def load_lab_bench(bench_dir: str | Path = BENCH_DIR) -> pd.DataFrame:

@@ -42,6 +42,13 @@ def test_speedup_figure_reads_json_and_csv(tmp_path):
     assert table.loc[8, "static_pass_spread"] == pytest.approx(0.5 / 2.2)
     assert table.loc[16, "static_pass_spread"] == 0.04
     assert table.loc[8, "speedup_runs"] == (1.7, 1.6, 1.8)
+    # the best-pass reading (session 24 on) comes along where a row has it
+    (tmp_path / "e.json").write_text(json.dumps({**_bench_row(0.5, 1.9, 32), "best_pass_efficiency_median": 0.96,
+                                                 "best_pass_efficiency_runs": "[0.95, 0.96, 0.97]"}))
+    table = figures.load_bench(tmp_path).set_index("batch_size")
+    assert table.loc[32, "best_pass_efficiency_median"] == 0.96
+    assert table.loc[32, "best_pass_efficiency_runs"] == (0.95, 0.96, 0.97)
+    assert pd.isna(table.loc[16, "best_pass_efficiency_median"])
     assert fig.axes[0].get_xlabel().startswith("FLOPs fraction")
     with pytest.raises(FileNotFoundError, match="bench"):
         figures.load_bench(tmp_path / "empty")
