@@ -93,5 +93,6 @@ def checkpoint_sweep(checkpoint: str, batch_sizes: list[int], steps: int = 50, r
         rows.append({"checkpoint": str(checkpoint), **row})
         if progress:
             print(f"{row['name']} batch {batch}: {row['speedup']:.3f}x of ideal {row['ideal_speedup']:.3f}x "
-                  f"({row['efficiency']:.3f}; best pass {row['best_pass_efficiency']:.3f}), {row['num_threads']} thread(s)", file=sys.stderr, flush=True)
+                  f"({row['efficiency']:.3f}; best pass {row['best_pass_efficiency']:.3f}), "
+                  f"{row['num_threads']} thread(s)", file=sys.stderr, flush=True)
     return rows

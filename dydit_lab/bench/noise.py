@@ -6,7 +6,8 @@ pass at half the FLOPs, so each estimator's error on it is its error on a 2x spe
 * ``median_pass_ratio``: the bench's ``speedup`` (median pass of each path);
 * ``best_pass_ratio``: its ``best_pass_speedup`` (:func:`.run.best_pass`). Contention only adds
   time, but a short forward finds a quiet moment more often than a long one, so on a bursty
-  machine this estimator can favour the shorter path: a ratio above 2 here says by how much.
+  machine this estimator can favour the shorter path. A ratio away from 2 says how far either
+  estimator errs on this machine now; repeat the control, since the error moves with the host.
 
 ``python -m dydit_lab bench --arch DiT-XL/2 --batch-size 1 --steps 2 --repeats 5 --profile noise``
 """

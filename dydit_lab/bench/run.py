@@ -134,9 +134,11 @@ def pass_spread(seconds: list[float]) -> float:
 def best_pass(step_seconds: list[list[float]]) -> float:
     """Each step's fastest forward over the passes (``step_seconds[pass][step]``), summed over
     the steps: what the pass costs when nothing else wants the cores. Contention on a shared
-    machine only ever adds time, so where the passes spread, the per-step minimum estimates the
-    otherwise-idle machine the bench asks for better than the median pass does (the paths are
-    interleaved per step, so each path gets the same chances at a quiet moment)."""
+    machine only ever adds time, so the per-step minimum is a second estimate of the otherwise
+    idle machine the bench asks for, beside the median pass (the paths are interleaved per
+    step, so each gets the same chances at a quiet moment). It can favour the shorter path, and
+    on a noisy host neither estimate is reliable: ``bench --profile noise`` (:mod:`.noise`)
+    measures both on a known ratio."""
     if not step_seconds or any(len(times) != len(step_seconds[0]) for times in step_seconds):
         raise ValueError("best_pass needs one or more passes of the same number of steps")
     return sum(min(times) for times in zip(*step_seconds))
