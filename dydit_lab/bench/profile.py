@@ -69,6 +69,7 @@ def profile_pass(fn, inputs: BenchInputs, device: torch.device, top: int = 12) -
 
 
 PROFILE_KINDS = ("ops", "stages", "noise")
+DESCRIBE_TIMING = {"stages": describe_stages, "noise": describe_noise}  # the wall-clock kinds' text
 
 
 def profile_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, device: torch.device, top: int = 12,
@@ -119,8 +120,8 @@ def describe_profile(result: dict) -> str:
                else f"FLOPs fraction {result['flops_fraction']:.3f}")  # a checkpoint routes as trained
     lines = [f"{result['arch']}, batch {result['batch_size']}, {result['steps']} steps, "
              f"{setting}, {result['num_threads']} thread(s), {result['device']}"]
-    if result["kind"] in ("stages", "noise"):
-        return "\n".join(lines + [(describe_stages if result["kind"] == "stages" else describe_noise)(result)])
+    if result["kind"] in DESCRIBE_TIMING:
+        return "\n".join(lines + [DESCRIBE_TIMING[result["kind"]](result)])
     for path in ("static", "sliced"):
         part = result[path]
         shares = ", ".join(f"{name} {share:.0%}" for name, share in part["categories"].items())

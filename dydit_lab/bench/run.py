@@ -101,7 +101,6 @@ def time_interleaved(paths: dict, inputs: BenchInputs, repeats: int, device: tor
             call(name, x, t)
     if observer is not None:
         observer.reset()
-    times = {name: [] for name in names}
     step_seconds = {name: [] for name in names}
     faults = dict.fromkeys(names, 0)  # fresh pages each path touched (see dydit_lab.memory)
     for _ in range(repeats):
@@ -116,8 +115,7 @@ def time_interleaved(paths: dict, inputs: BenchInputs, repeats: int, device: tor
                 faults[name] += minor_page_faults() - faults_before
                 step_seconds[name][-1].append(seconds)
                 outs[name].append(out)
-        for name in names:
-            times[name].append(sum(step_seconds[name][-1]))
+    times = {name: [sum(one_pass) for one_pass in passes] for name, passes in step_seconds.items()}
     return {"times": times, "step_seconds": step_seconds, "outputs": outs,
             "faults": {name: n / repeats for name, n in faults.items()}}
 
@@ -148,8 +146,8 @@ def pass_fields(timing: dict, flops_ratio: float) -> dict:
     """What a result record keeps of :func:`time_paths`'s ``timing``: the raw pass times, the
     static passes' :func:`pass_spread`, each path's page faults per pass, whether freed
     buffers were kept for reuse (:mod:`dydit_lab.memory`; without it the faults cost time),
-    and the speed-ups read off :func:`best_pass` (``best_pass_*``: the idle-machine estimate,
-    beside the median-pass ``speedup``/``efficiency`` the caller computes)."""
+    and the speed-ups read off :func:`best_pass` (``best_pass_*``: a second estimate of the
+    idle machine, beside the median-pass ``speedup``/``efficiency`` the caller computes)."""
     times, faults = timing["times"], timing["faults"]
     best = {name: best_pass(seconds) for name, seconds in timing["step_seconds"].items()}
     best_speedup = best["static"] / best["sliced"]

@@ -68,9 +68,8 @@ def test_contention_that_spares_short_forwards_shows_as_best_pass_error(clock):
     # Every forward but the single ones of the last pass is slowed by a quarter: the single
     # forwards found a quiet moment the double ones never did, so the best pass overstates 2.
     last_pass_start = (1 + REPEATS - 1) * STEPS * 3
-    model = TimedModel(clock)
-    model.extra = lambda call: 0.0 if call >= last_pass_start and model_is_single[call] else 0.25
-    model_is_single = _single_calls(REPEATS)
+    is_single = _single_calls(REPEATS)
+    model = TimedModel(clock, extra=lambda call: 0.0 if call >= last_pass_start and is_single[call] else 0.25)
     result = duration_control(model, _inputs(), torch.device("cpu"), repeats=REPEATS)
     assert result["best_pass_ratio"] == pytest.approx(2.5) and result["best_pass_error"] == pytest.approx(0.25)
     assert result["median_pass_ratio"] == pytest.approx(2.0)  # median passes: both slowed alike
