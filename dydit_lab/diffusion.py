@@ -9,6 +9,7 @@ classifier-free guidance and seeded, reproducible sampling.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -234,32 +235,50 @@ class GaussianDiffusion:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         randn = lambda: torch.randn(shape, generator=gen).to(device)  # noqa: E731
         x = randn()
-        plan = getattr(model, "plan_timesteps", None)
-        if callable(plan):  # a model that plans per timestep (DyDiT's widths) does it once, up front
-            plan([int(v) for v in self.timestep_map])
         model_fn = guided(model, cfg_scale, null_label)
         steps = list(range(self.num_timesteps))[::-1]
-        for i in tqdm(steps, desc=f"{method} sampling", disable=not progress, leave=False):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            # The model's timesteps stay on the host: models move them to their device, and a
-            # model that plans per timestep reads them without a device round-trip.
-            t_model = torch.full((shape[0],), int(self.timestep_map[i]), dtype=torch.long)
-            out = model_fn(x, t_model, y)
-            mean, log_var, x0, eps = self.p_mean_variance(out, x, t, clip_denoised)
-            noise = randn()
-            if method == "ddpm":
-                nonzero = float(i > 0)
-                x = mean + nonzero * torch.exp(0.5 * log_var) * noise
-            else:
-                eps = self.eps_from_x0(x, t, x0)
-                acp = _extract(self.alphas_cumprod, t, x)
-                acp_prev = _extract(self.alphas_cumprod_prev, t, x)
-                sigma = eta * torch.sqrt((1 - acp_prev) / (1 - acp) * (1 - acp / acp_prev))
-                x = (x0 * torch.sqrt(acp_prev) + torch.sqrt(1 - acp_prev - sigma**2) * eps
-                     + (float(i > 0) * sigma * noise))
-            if callback is not None:
-                callback(len(steps) - 1 - i, int(self.timestep_map[i]), x)
-        return x
+        schedule = [int(self.timestep_map[i]) for i in steps]
+        with planned_run(model, schedule, getattr(model_fn, "labels", lambda labels: labels)(y)):
+            for i in tqdm(steps, desc=f"{method} sampling", disable=not progress, leave=False):
+                t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+                # The model's timesteps stay on the host: models move them to their device, and a
+                # model that plans per timestep reads them without a device round-trip.
+                t_model = torch.full((shape[0],), int(self.timestep_map[i]), dtype=torch.long)
+                out = model_fn(x, t_model, y)
+                mean, log_var, x0, eps = self.p_mean_variance(out, x, t, clip_denoised)
+                noise = randn()
+                if method == "ddpm":
+                    nonzero = float(i > 0)
+                    x = mean + nonzero * torch.exp(0.5 * log_var) * noise
+                else:
+                    eps = self.eps_from_x0(x, t, x0)
+                    acp = _extract(self.alphas_cumprod, t, x)
+                    acp_prev = _extract(self.alphas_cumprod_prev, t, x)
+                    sigma = eta * torch.sqrt((1 - acp_prev) / (1 - acp) * (1 - acp / acp_prev))
+                    x = (x0 * torch.sqrt(acp_prev) + torch.sqrt(1 - acp_prev - sigma**2) * eps
+                         + (float(i > 0) * sigma * noise))
+                if callback is not None:
+                    callback(len(steps) - 1 - i, int(self.timestep_map[i]), x)
+            return x
+
+
+@contextmanager
+def planned_run(model, schedule: list[int], labels: torch.Tensor):
+    """While open, ``model`` holds the plans of a sampling run over ``schedule`` (model
+    timesteps, sampling order), made before its first step by those of its methods it has:
+    ``plan_timesteps`` (a DyDiT's widths) and ``plan_conditioning`` (a DiT's adaLN modulation
+    for the ``labels`` every call will carry; dropped when the run ends)."""
+    plan = getattr(model, "plan_timesteps", None)
+    if callable(plan):
+        plan(schedule)
+    plan_conditioning = getattr(model, "plan_conditioning", None)
+    if callable(plan_conditioning):
+        plan_conditioning(schedule, labels)
+    try:
+        yield
+    finally:
+        if callable(plan_conditioning):
+            plan_conditioning(None)
 
 
 # ---------------------------------------------------------------------------
@@ -293,8 +312,18 @@ def guided(model: Callable, cfg_scale: float, null_label: int | None = None) -> 
     if null is None:
         raise ValueError("cfg_scale != 1 needs null_label or a model with num_classes")
 
+    doubled: list = [None, None]  # (y, its labels with the null half), made once per y
+
+    def labels(y):
+        """The labels the model is called with for ``y``: conditional, then null (one tensor
+        per ``y``, so a model's plan for them is found by identity)."""
+        if doubled[0] is not y:
+            doubled[:] = [y, torch.cat([y, torch.full_like(y, null)])]
+        return doubled[1]
+
     def fn(x, t, y):
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+        out = model(torch.cat([x, x]), torch.cat([t, t]), labels(y))
         return guide_doubled_output(out, x.shape[1], cfg_scale)[: len(x)]
 
+    fn.labels = labels
     return fn

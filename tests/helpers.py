@@ -101,7 +101,7 @@ BENCH_RESULT_KEYS = {
     "flops_ratio_per_step", "static_pass_spread", "torch_version", "num_threads", "timestamp",
     "static_faults_per_pass", "dynamic_faults_per_pass", "freed_memory_kept",
     "static_best_pass_seconds", "dynamic_best_pass_seconds", "best_pass_speedup", "best_pass_efficiency",
-    "best_pass_masked_speedup",
+    "best_pass_masked_speedup", "conditioning_planned",
 }
 
 

@@ -69,7 +69,8 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
     return {
         "name": name or model.arch or "DyDiT", "arch": model.arch, "device": str(device),
         "device_name": describe_device(device),
-        "batch_size": batch_size, "steps": steps, "repeats": repeats, "flops_ratio": flops_ratio,
+        "batch_size": batch_size, "steps": steps, "repeats": repeats, "conditioning_planned": True,
+        "flops_ratio": flops_ratio,
         "static_seconds": per_step["static"], "dynamic_seconds": per_step["sliced"],
         "masked_seconds": per_step["masked"], "speedup": speedup, **pass_fields(timing, flops_ratio),
         "masked_speedup": per_step["static"] / per_step["masked"], "ideal_speedup": 1 / flops_ratio,

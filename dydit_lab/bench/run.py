@@ -47,25 +47,32 @@ def _timed_call(fn, x, t, y, device: torch.device) -> tuple[float, object]:
 
 
 def time_paths(dit: DiT, dydit: DyDiT, inputs: BenchInputs, repeats: int = 3,
-               device: torch.device | None = None, observer=None) -> dict:
+               device: torch.device | None = None, observer=None, plan_conditioning: bool = True) -> dict:
     """Seconds per pass over the steps of the static DiT and of DyDiT sliced/masked
     (:func:`time_interleaved` of the three paths, named ``static``, ``sliced``, ``masked``).
+    With ``plan_conditioning`` each path's first step plans the pass's adaLN modulation, as a
+    sampler does before its run (:mod:`dydit_lab.models.conditioning`), timed with that step.
     Returns each path's per-pass totals, every forward's seconds, page faults per pass, and the
     last pass's outputs (and routings)."""
     device = device or next(dit.parameters()).device
     dit.eval(), dydit.eval()
 
-    def dynamic(execution):
+    def path(model, execution=None):
         def fn(x, t, y):
-            dydit.execution = execution
-            return dydit(x, t, y, return_routing=True)
+            if plan_conditioning and t is inputs.t[0]:
+                model.plan_conditioning(inputs.timesteps, inputs.y)
+            if execution is None:
+                return model(x, t, y)
+            model.execution = execution
+            return model(x, t, y, return_routing=True)
         return fn
 
     try:
-        return time_interleaved({"static": dit, "sliced": dynamic("sliced"), "masked": dynamic("masked")},
-                                inputs, repeats, device, observer)
+        return time_interleaved({"static": path(dit), "sliced": path(dydit, "sliced"),
+                                 "masked": path(dydit, "masked")}, inputs, repeats, device, observer)
     finally:
         dydit.execution = "sliced"
+        dit.plan_conditioning(None), dydit.plan_conditioning(None)
 
 
 def time_interleaved(paths: dict, inputs: BenchInputs, repeats: int, device: torch.device,
@@ -207,7 +214,7 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
                   steps: int = 4, repeats: int = 3, device: str = "auto", seed: int = 0,
                   keep_rate: float = DEFAULT_KEEP_RATE, width_slope: float = DEFAULT_WIDTH_SLOPE,
                   threads: int | None = None, models: tuple[DiT, DyDiT] | None = None,
-                  verbose: bool = False) -> dict:
+                  verbose: bool = False, plan_conditioning: bool = True) -> dict:
     """Build (or reuse) the models, set the routers for ``target_ratio`` and time the three
     paths; returns the result record (JSON-ready). ``threads`` sets torch's intra-op thread
     count (default: leave torch's choice, i.e. all cores or OMP_NUM_THREADS). Raises
@@ -224,7 +231,7 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
     say(f"models, inputs and routers ready in {time.perf_counter() - t0:.1f}s ({setting.iterations} "
         f"calibration passes): {setting.flops_ratio:.4f} of the FLOPs")
     t2 = time.perf_counter()
-    timing = time_paths(dit, dydit, inputs, repeats, dev)
+    timing = time_paths(dit, dydit, inputs, repeats, dev, plan_conditioning=plan_conditioning)
     say(f"timed in {time.perf_counter() - t2:.1f}s")
 
     outs = timing["outputs"]
@@ -251,6 +258,7 @@ def run_benchmark(arch: str, input_size: int = 32, target_ratio: float = 0.5, ba
         "steps": steps,
         "timesteps": inputs.timesteps,
         "repeats": repeats,
+        "conditioning_planned": plan_conditioning,
         "target_ratio": target_ratio,
         "flops_ratio": summary["flops_ratio"],
         "static_seconds": static,

@@ -72,6 +72,7 @@ def stage_clocks(models, device: torch.device):
 
     for model in models:
         clock(model, "embed", "embedding")
+        clock(model, "plan_conditioning", "adaLN modulation")  # a pass's planned modulation, when planned
         clock(model.final_layer, "forward", "final layer")
         if isinstance(model, DyDiT):
             clock(model, "plan_timesteps", "width plan")

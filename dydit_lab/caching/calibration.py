@@ -29,7 +29,7 @@ class _ModulationTrace(TeaCache):
         self.distances: list[float | None] = []
 
     def run(self, executor, x, c, step):
-        current = self.modulated_input(executor, x, c)
+        current = self.modulated_input(executor, x)
         self.distances.append(None if self._previous is None else relative_l1(current, self._previous))
         self._previous = current
         return executor.compute_blocks(range(executor.depth), x)

@@ -100,10 +100,6 @@ class _Trajectory(ModelWrapper):
         super().__init__(model)
         self.calls: list[tuple] = []
 
-    def plan_timesteps(self, timesteps):
-        plan = getattr(self.model, "plan_timesteps", None)
-        return plan(timesteps) if callable(plan) else None
-
     def forward(self, x, t, y):
         out = self.model(x, t, y)
         self.calls.append((x, t, y, out))

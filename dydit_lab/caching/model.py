@@ -126,7 +126,8 @@ class CachedModel(ModelWrapper):
         step = self._step(x, t)
         tokens, c, t_emb = self.model.embed(x, t, y)
         B, N, _ = tokens.shape
-        self._call = {"c": c, "t_emb": t_emb, "computed": [False] * self.depth,
+        self._call = {"c": c, "block_c": self.model.block_conditioning(c, t, y), "t_emb": t_emb,
+                      "computed": [False] * self.depth,
                       "tokens": [0.0] * self.depth, "block_macs": 0.0, "macs": 0.0, "policy_macs": 0.0,
                       "heads": None, "groups": None, "keep": None}
         if self.dynamic:
@@ -158,16 +159,16 @@ class CachedModel(ModelWrapper):
         through the MLP) and charge what it cost."""
         call, block, cfg = self._call, self.blocks[i], self.model.config
         if not self.dynamic:
-            out = block(x, call["c"])
+            out = block(x, call["block_c"][i])
             parts = self._static_block
             call["tokens"][i] = float(x.shape[1])
         else:
             plan = call.get("plan")
             if plan is not None:
-                out, keep = block.forward_sliced(x, call["c"], *plan.units[i])
+                out, keep = block.forward_sliced(x, call["block_c"][i], *plan.units[i])
                 heads, groups = (g[i].detach().cpu().expand(len(x), -1) for g in (plan.heads, plan.groups))
             else:
-                out, heads, groups, keep = block.forward_masked(x, call["c"], call["t_emb"])
+                out, heads, groups, keep = block.forward_masked(x, call["block_c"][i], call["t_emb"])
                 heads, groups, keep = heads.detach().cpu(), groups.detach().cpu(), keep.detach().cpu() > 0.5
             keep = keep.detach().cpu()
             call["heads"][:, i], call["groups"][:, i], call["keep"][:, i] = heads, groups, keep
@@ -179,6 +180,10 @@ class CachedModel(ModelWrapper):
         call["block_macs"] += parts["attn"] + parts["mlp"]
         call["macs"] += self._overhead + sum(parts.values())
         return out
+
+    def modulation(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Block ``i``'s adaLN modulation in this call (planned for the run, or from c)."""
+        return self.blocks[i].modulation(self._call["block_c"][i])
 
     def compute_blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
         """Run ``blocks`` (indices, in order) in full."""

@@ -156,17 +156,17 @@ class TeaCache(CachePolicy):
         self._residual: torch.Tensor | None = None
         self._accumulated = 0.0
 
-    def modulated_input(self, executor, x, c) -> torch.Tensor:
+    def modulated_input(self, executor, x) -> torch.Tensor:
         """Block 0's adaLN-modulated norm1 of ``x``, charged to the policy."""
         block = executor.blocks[0]
-        shift, scale = block.adaLN_modulation(c).chunk(6, dim=1)[:2]
+        shift, scale = executor.modulation(0)[:2]
         executor.charge(flops.modulated_input_flops(executor.model.config))
         return block.attention_input(x, shift, scale)
 
     def run(self, executor, x, c, step):
         if self.threshold == 0:  # nothing is ever reused: no probe either
             return executor.compute_blocks(range(executor.depth), x)
-        current = self.modulated_input(executor, x, c)
+        current = self.modulated_input(executor, x)
         compute = True
         if not (step.index == 0 or step.is_last or self._previous is None or self._residual is None):
             self._accumulated += float(self._rescale(relative_l1(current, self._previous)))

@@ -110,12 +110,12 @@ class ToCa(CachePolicy):
         if full:
             self._cache = [{} for _ in range(executor.depth)]
         for i, block in enumerate(executor.blocks):
-            x = self._full(executor, i, block, x, c) if full else self._partial(executor, i, block, x, c)
+            x = self._full(executor, i, block, x) if full else self._partial(executor, i, block, x)
         return x
 
-    def _full(self, executor, i, block, x, c):
+    def _full(self, executor, i, block, x):
         cache, cfg, width = self._cache[i], executor.model.config, executor.width(i)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = executor.modulation(i)
         attn, received = attention_with_received(block, block.attention_input(x, shift_msa, scale_msa), width)
         x = gated_residual(x, gate_msa, attn)
         mlp, keep = routed_mlp(block, x, shift_mlp, scale_mlp, width)
@@ -132,9 +132,9 @@ class ToCa(CachePolicy):
                                   kept, keep)
         return gated_residual(x, gate_mlp, mlp)
 
-    def _partial(self, executor, i, block, x, c):
+    def _partial(self, executor, i, block, x):
         cache, cfg, width = self._cache[i], executor.model.config, executor.width(i)
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = executor.modulation(i)
         x = gated_residual(x, gate_msa, cache["attn"])
         B, N, C = x.shape
         fresh = int(self.fraction * N)

@@ -8,14 +8,15 @@ Attention and Mlp are written here (timm is not a dependency) with timm's parame
 from __future__ import annotations
 
 import math
-import numpy as np
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import flops
+from . import conditioning, flops
 from ..diffusion import guide_doubled_output
 from .configs import DIT_CONFIGS, FREQUENCY_EMBEDDING_SIZE, DiTConfig, get_config  # noqa: F401 (re-exported)
+from .positions import get_2d_sincos_pos_embed
 
 
 # ---------------------------------------------------------------------------
@@ -195,8 +196,11 @@ class DiTBlock(nn.Module):
 
     # The stages are methods so that ``bench --profile stages`` can time each one on its own.
 
-    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(shift, scale, gate) of the attention branch, then of the MLP branch: six (B, C)."""
+    def modulation(self, c: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
+        """(shift, scale, gate) of the attention branch, then of the MLP branch: six (B, C).
+        ``c`` may be those six already (planned for a sampling run: :mod:`.conditioning`)."""
+        if isinstance(c, tuple):
+            return c
         return self.adaLN_modulation(c).chunk(6, dim=1)
 
     def attention_input(self, x, shift, scale):
@@ -260,6 +264,7 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
         self.initialize_weights()
+        self._conditioning: conditioning.ConditioningPlan | None = None
 
     def initialize_weights(self) -> None:
         def _basic_init(module: nn.Module) -> None:
@@ -318,10 +323,20 @@ class DiT(nn.Module):
         c = t_emb + self.y_embedder(y, self.training)
         return tokens, c, t_emb
 
+    def plan_conditioning(self, timesteps=None, y: torch.Tensor | None = None) -> None:
+        """Plan every block's adaLN modulation for a sampling run over ``timesteps`` (model timesteps)
+        called with labels ``y`` (:mod:`.conditioning`); no ``timesteps``: drop the plan."""
+        self._conditioning = None if timesteps is None else conditioning.make_plan(self, timesteps, y)
+
+    def block_conditioning(self, c: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list:
+        """What each block's adaLN reads in this call: its planned modulation, else c."""
+        planned = conditioning.lookup(self, self._conditioning, t, y)
+        return [c] * len(self.blocks) if planned is None else planned
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tokens, c, _ = self.embed(x, t, y)
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        for block, block_c in zip(self.blocks, self.block_conditioning(c, t, y)):
+            tokens = block(tokens, block_c)
         return self.unpatchify(self.final_layer(tokens, c))
 
     def sampling_cost(self, steps: int, method: str = "ddim", device="cpu") -> dict:
@@ -345,31 +360,21 @@ class ModelWrapper(nn.Module):
         super().__init__()
         self.model = model
 
+    def plan_timesteps(self, timesteps):
+        """A sampler's plan of its run, forwarded to the wrapped model (a DyDiT plans widths)."""
+        plan = getattr(self.model, "plan_timesteps", None)
+        return plan(timesteps) if callable(plan) else None
+
+    def plan_conditioning(self, timesteps=None, y=None) -> None:
+        """Forwarded like :meth:`plan_timesteps` (a DiT plans its adaLN modulation)."""
+        plan = getattr(self.model, "plan_conditioning", None)
+        if callable(plan):
+            plan(timesteps, y)
+
     config = property(lambda self: self.model.config)
     num_classes = property(lambda self: self.model.num_classes)
     in_channels = property(lambda self: self.model.in_channels)
     arch = property(lambda self: self.model.arch)
-
-
-# ---------------------------------------------------------------------------
-# Fixed 2-D sin-cos position embedding (same values as the official numpy code)
-# ---------------------------------------------------------------------------
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
-    emb_h = _1d_sincos(embed_dim // 2, grid[0])
-    emb_w = _1d_sincos(embed_dim // 2, grid[1])
-    return np.concatenate([emb_h, emb_w], axis=1)
-
-
-def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega
-    out = np.einsum("m,d->md", pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
 def create_model(arch: str, **kwargs) -> DiT:

@@ -106,20 +106,21 @@ class DyDiT(DiT):
 
     def forward(self, x, t, y, complete_model: bool = False, return_routing: bool = False):
         tokens, c, t_emb = self.embed(x, t, y)
+        block_c = self.block_conditioning(c, t, y)
         routing = None
         if complete_model:
-            for block in self.blocks:
-                tokens = DiTBlock.forward(block, tokens, c)
+            for block, cond in zip(self.blocks, block_c):
+                tokens = DiTBlock.forward(block, tokens, cond)
         elif self.training or self.execution == "masked":
-            tokens, routing = self._forward_masked(tokens, c, t_emb, t)
+            tokens, routing = self._forward_masked(tokens, block_c, t_emb, t)
         else:
-            tokens, routing = self._forward_sliced(tokens, c, t)
+            tokens, routing = self._forward_sliced(tokens, c, block_c, t)
         out = self.unpatchify(self.final_layer(tokens, c))
         return (out, routing) if return_routing else out
 
-    def _forward_masked(self, tokens, c, t_emb, t):
+    def _forward_masked(self, tokens, block_c, t_emb, t):
         heads, groups, keep = [], [], []
-        for block in self.blocks:
+        for block, c in zip(self.blocks, block_c):
             tokens, h, g, k = block.forward_masked(tokens, c, t_emb)
             heads.append(h), groups.append(g), keep.append(k)
         stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
@@ -163,7 +164,9 @@ class DyDiT(DiT):
                 self._plans.popitem(last=False)
         return {v: self._plans[v] for v in values}
 
-    def _forward_sliced(self, tokens, c, t):
+    def _forward_sliced(self, tokens, c, block_c, t):
+        """``block_c``: each block's conditioning (:meth:`block_conditioning`); a batch that
+        mixes widths (so timesteps, which a plan never covers) runs on ``c``."""
         t_host = t.detach().cpu()  # free for a sampler's CPU timesteps; one sync for a device tensor
         values = t_host.tolist()
         plans = self.plan_timesteps(values)
@@ -176,7 +179,7 @@ class DyDiT(DiT):
         if len(by_width) == 1:
             units = next(iter(by_width))
             for i, block in enumerate(self.blocks):
-                tokens, keep[:, i] = block.forward_sliced(tokens, c, *units[i])
+                tokens, keep[:, i] = block.forward_sliced(tokens, block_c[i], *units[i])
             out = tokens
         else:
             out = torch.empty_like(tokens)
@@ -228,9 +231,6 @@ class RoutingRecorder(ModelWrapper):
         self.keep_inputs = keep_inputs
         self.inputs: list[torch.Tensor] = []  # x_t of every call, with keep_inputs
 
-    def plan_timesteps(self, timesteps):
-        return self.model.plan_timesteps(timesteps)
-
     def forward(self, x, t, y):
         out, routing = self.model(x, t, y, return_routing=True)
         if self.keep_inputs:
@@ -255,9 +255,6 @@ class CompleteModel(ModelWrapper):
             raise ValueError(f"from_t must be in [0, 1000), got {from_t}")
         super().__init__(model)
         self.from_t = from_t
-
-    def plan_timesteps(self, timesteps):
-        return self.model.plan_timesteps(timesteps)
 
     def forward(self, x, t, y):
         complete = t >= self.from_t

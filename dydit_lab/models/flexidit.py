@@ -22,7 +22,8 @@ from . import flops
 from ..diffusion import NUM_TIMESTEPS, guide_doubled_output, space_timesteps
 from .adapters import LORA_TARGETS, BlockAdapter
 from .configs import DiTConfig, coarse_patch_sizes
-from .dit import DiT, ModelWrapper, PatchEmbed, _1d_sincos, get_2d_sincos_pos_embed
+from .dit import DiT, ModelWrapper, PatchEmbed
+from .positions import _1d_sincos, get_2d_sincos_pos_embed
 
 FLEX_PREFIX = "flex_"
 RESIZE_MODES = ("bilinear", "nearest")

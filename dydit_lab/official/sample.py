@@ -50,10 +50,6 @@ class CostMeter(ModelWrapper):
         self.counts = torch.zeros(num_timesteps, depth, 3, dtype=torch.float64, device=device)
         self.samples = torch.zeros(num_timesteps, dtype=torch.float64, device=device)
 
-    def plan_timesteps(self, timesteps):
-        plan = getattr(self.model, "plan_timesteps", None)
-        return plan(timesteps) if callable(plan) else None
-
     def forward(self, x, t, y):
         if not self.dynamic:
             return self.model(x, t, y)

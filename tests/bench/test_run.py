@@ -11,6 +11,7 @@ import torch
 from dydit_lab.bench import run as bench
 from dydit_lab.bench.workload import build_models
 from dydit_lab.memory import freed_memory_kept
+from dydit_lab.models import conditioning
 from dydit_lab.paths import resolve_device
 from tests.helpers import BENCH_ARCH as ARCH, BENCH_BATCH as BATCH, BENCH_RESULT_KEYS as REQUIRED_KEYS
 from tests.helpers import BENCH_STEPS as STEPS
@@ -43,6 +44,7 @@ def test_result_has_all_keys_and_sane_values(result, models):
     assert result["token_decisions_flipped"] == 0
     assert result["token_decisions"] == STEPS * result["batch_size"] * len(models[0].blocks) * result["tokens"]
     assert result["torch_version"] == torch.__version__ and result["num_threads"] >= 1
+    assert result["conditioning_planned"] is True
     datetime.fromisoformat(result["timestamp"])
 
 
@@ -95,6 +97,21 @@ def test_paths_are_interleaved_at_every_step_in_a_rotating_order(models, inputs)
     for name, passes in timing["step_seconds"].items():  # every timed forward, per pass and step
         assert len(passes) == 2 and all(len(p) == steps for p in passes)
         assert [sum(p) for p in passes] == pytest.approx(timing["times"][name])
+
+
+@pytest.mark.parametrize("planned", [True, False])
+def test_every_pass_plans_its_conditioning_in_its_first_timed_step(models, inputs, planned, monkeypatch):
+    dit, dydit = models
+    plans, lookups = [], []
+    make_plan, lookup = conditioning.make_plan, conditioning.lookup
+    monkeypatch.setattr(conditioning, "make_plan", lambda *a: plans.append(a[0]) or make_plan(*a))
+    monkeypatch.setattr(conditioning, "lookup", lambda *a: lookups.append(lookup(*a)) or lookups[-1])
+    bench.time_paths(dit, dydit, inputs, repeats=2, device=torch.device("cpu"), plan_conditioning=planned)
+    passes = 3 * (1 + 2)  # three paths, a warm-up and two timed passes each
+    assert plans == ([dit, dydit, dydit] * 3 if planned else [])  # the first step's rotation: static first
+    assert len(lookups) == passes * len(inputs.x)
+    assert all((m is not None) == planned for m in lookups)
+    assert dit._conditioning is None and dydit._conditioning is None  # dropped after the bench
 
 
 def test_pass_spread_is_the_static_passes_range_over_their_median(result):
