@@ -134,12 +134,9 @@ def cmd_figures(args):
 
 
 def cmd_bench(args):
-    common = dict(input_size=args.input_size, target_ratio=args.target_ratio, steps=args.steps,
-                  repeats=args.repeats, device=args.device, seed=args.seed,
-                  keep_rate=args.keep_rate, threads=args.threads, verbose=not args.quiet)
-    if args.runs < 1:
-        raise ValueError(f"--runs must be positive, got {args.runs}")
-
+    common = dict(input_size=args.input_size, target_ratio=args.target_ratio, steps=args.steps, repeats=args.repeats,
+                  device=args.device, seed=args.seed, keep_rate=args.keep_rate, threads=args.threads,
+                  verbose=not args.quiet, plan_conditioning=not args.per_step_conditioning)
     def measured(measure):  # --runs separate measurements, one row per batch size from the median run
         return warn_noise(median_of_runs([measure() for _ in range(args.runs)]))
 
@@ -161,7 +158,8 @@ def cmd_bench(args):
     elif args.checkpoint:
         batches = parse_batch_list(args.sweep_batch or str(args.batch_size))
         rows = measured(lambda: checkpoint_sweep(args.checkpoint, batches, steps=args.steps, repeats=args.repeats,
-                                                 device=args.device, threads=args.threads, progress=not args.quiet))
+                                                 device=args.device, threads=args.threads, progress=not args.quiet,
+                                                 plan_conditioning=common["plan_conditioning"]))
         if args.sweep_batch:
             name = args.name or f"{rows[0]['device']}_{rows[0]['name']}_sweep".replace("-", "_").lower()
             print(f"wrote {write_csv(rows, BENCH_DIR / 'lab' / (name + '.csv'))}")
@@ -338,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="CSV name for --sweep-batch (default from arch/device/target)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--per-step-conditioning", action="store_true", help="each forward computes its own "
+                   "adaLN modulation (the bench before session 26; default: planned per pass, as samplers do)")
     p.add_argument("--profile", nargs="?", const="ops", choices=PROFILE_KINDS, help="instead of timing, where the "
                    "time goes: ops (torch.profiler) or stages (wall clock); noise: can this machine read the bench")
     p.set_defaults(func=cmd_bench)

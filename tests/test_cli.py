@@ -365,6 +365,9 @@ def test_cli_json_and_sweep(tmp_path, monkeypatch, capsys):
     record = json.loads(out.read_text())
     assert BENCH_RESULT_KEYS <= set(record) and abs(record["flops_ratio"] - 0.6) <= 0.02
     assert json.loads(capsys.readouterr().out) == record  # also printed
+    assert record["conditioning_planned"] is True  # as a sampler does; --per-step-conditioning: not
+    main(["bench", "--arch", BENCH_ARCH, "--repeats", "1", "--device", "cpu", "--per-step-conditioning", "--quiet"])
+    assert json.loads(capsys.readouterr().out)["conditioning_planned"] is False
 
     main(["bench", "--arch", BENCH_ARCH, "--sweep-batch", "1,3", "--repeats", "1", "--device", "cpu",
           "--name", "tiny", "--quiet"])
@@ -384,6 +387,7 @@ def test_cli_times_a_trained_checkpoint(tmp_path, monkeypatch, capsys):
     record = json.loads(capsys.readouterr().out)
     assert record["name"] == "DyDiT-mine" and record["batch_size"] == 2 and record["steps"] == 3
     assert record["num_threads"] == 1 and record["token_decisions_flipped"] == 0
+    assert record["conditioning_planned"] is True
     main(["bench", "--checkpoint", str(path), "--sweep-batch", "1,2", "--steps", "2", "--repeats", "1", "--quiet"])
     with open(tmp_path / "data" / "bench" / "lab" / "cpu_dydit_mine_sweep.csv") as f:
         rows = list(csv.DictReader(f))

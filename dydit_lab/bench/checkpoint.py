@@ -50,16 +50,18 @@ def own_run(model: DyDiT, batch_size: int, steps: int, seed: int = 0, device="au
 
 
 def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repeats: int = 3,
-                       seed: int = 0, device="auto", name: str | None = None, threads: int | None = None) -> dict:
+                       seed: int = 0, device="auto", name: str | None = None, threads: int | None = None,
+                       plan_conditioning: bool = True) -> dict:
     """Seconds per sampling step of ``model`` (sliced and masked) and of its complete model,
     timed on the inputs of a DDIM run of ``steps`` steps (labels 0, 1, ..., ``batch_size``
     images, no guidance); speed-ups, the FLOPs fraction of the timed routing, what ran where
     and how far the sliced outputs are from the masked ones. ``threads``: torch's intra-op
-    thread count (default: leave it)."""
+    thread count (default: leave it). ``plan_conditioning``: as :func:`.run.time_paths`."""
     if repeats < 1:
         raise ValueError(f"repeats must be positive, got {repeats}")
     model, device, trace = own_run(model, batch_size, steps, seed, device, threads, purpose="a speed-up")
-    timing = time_paths(CompleteModel(model), model, trace_inputs(trace, device), repeats, device)
+    timing = time_paths(CompleteModel(model), model, trace_inputs(trace, device), repeats, device,
+                        plan_conditioning=plan_conditioning)
     routings = [routing for _, routing in timing["outputs"]["sliced"]]
     agreement = sliced_vs_masked(timing["outputs"])
     mean = lambda values: float(torch.stack([v.float().mean().cpu() for v in values]).mean())  # noqa: E731
@@ -69,7 +71,7 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
     return {
         "name": name or model.arch or "DyDiT", "arch": model.arch, "device": str(device),
         "device_name": describe_device(device),
-        "batch_size": batch_size, "steps": steps, "repeats": repeats, "conditioning_planned": True,
+        "batch_size": batch_size, "steps": steps, "repeats": repeats, "conditioning_planned": plan_conditioning,
         "flops_ratio": flops_ratio,
         "static_seconds": per_step["static"], "dynamic_seconds": per_step["sliced"],
         "masked_seconds": per_step["masked"], "speedup": speedup, **pass_fields(timing, flops_ratio),
@@ -83,14 +85,15 @@ def checkpoint_speedup(model: DyDiT, batch_size: int = 4, steps: int = 20, repea
 
 
 def checkpoint_sweep(checkpoint: str, batch_sizes: list[int], steps: int = 50, repeats: int = 3,
-                     device="auto", threads: int | None = None, progress: bool = True) -> list[dict]:
+                     device="auto", threads: int | None = None, progress: bool = True,
+                     plan_conditioning: bool = True) -> list[dict]:
     """:func:`checkpoint_speedup` of a DyDiT checkpoint file at each of ``batch_sizes`` (one row
     each, named after the file, with its path)."""
     model = load_model(checkpoint, device=resolve_device(device))
     rows = []
     for batch in batch_sizes:
         row = checkpoint_speedup(model, batch_size=batch, steps=steps, repeats=repeats, device=device,
-                                 name=Path(checkpoint).stem, threads=threads)
+                                 name=Path(checkpoint).stem, threads=threads, plan_conditioning=plan_conditioning)
         rows.append({"checkpoint": str(checkpoint), **row})
         if progress:
             print(f"{row['name']} batch {batch}: {row['speedup']:.3f}x of ideal {row['ideal_speedup']:.3f}x "

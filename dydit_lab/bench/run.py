@@ -331,7 +331,8 @@ def median_of_runs(runs: list[list[dict]]) -> list[dict]:
     and efficiency. One run's repeats share the machine's state of that minute; separate runs
     show how much the result moves between minutes."""
     if not runs or any(len(run) != len(runs[0]) for run in runs):
-        raise ValueError("median_of_runs needs one or more runs, each with the same batch sizes")
+        raise ValueError("median_of_runs needs one or more runs (--runs must be positive), "
+                         "each with the same batch sizes")
     rows = []
     for per_batch in zip(*runs):
         if len({row["batch_size"] for row in per_batch}) != 1:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 PLAN_MEMORY_BYTES = 256 * 2**20  # most a plan holds; a longer run is planned in windows of steps
+MIN_PLAN_STEPS = 4  # a product over a few rows can cost more than the one-row products it replaces
 
 
 @dataclass
@@ -48,10 +49,11 @@ def plan_window(model, batch_size: int, num_steps: int) -> int:
 
 def make_plan(model, timesteps, labels: torch.Tensor) -> ConditioningPlan | None:
     """A plan for a run over ``timesteps`` (model timesteps, sampling order) called with
-    ``labels``; None when fewer than two steps fit in memory (nothing to share)."""
+    ``labels``; None for a run shorter than :data:`MIN_PLAN_STEPS` or when fewer steps than
+    that fit in memory."""
     schedule = list(dict.fromkeys(int(v) for v in timesteps))
     window = plan_window(model, len(labels), len(schedule))
-    if window < 2:
+    if window < MIN_PLAN_STEPS:
         return None
     plan = ConditioningPlan(labels, schedule, window, (), {}, [])
     _fill(model, plan, start=0)

@@ -96,18 +96,25 @@ def test_long_runs_are_planned_in_windows_within_the_memory_cap(tiny, monkeypatc
     y = torch.tensor([0, 1])
     weight = tiny.blocks[0].adaLN_modulation[-1].weight
     per_step = len(y) * len(tiny.blocks) * weight.shape[0] * weight.element_size()
-    monkeypatch.setattr(conditioning, "PLAN_MEMORY_BYTES", 2 * per_step)
+    monkeypatch.setattr(conditioning, "PLAN_MEMORY_BYTES", 4 * per_step)
     tiny.plan_conditioning(schedule(), y)
     plan = tiny._conditioning
-    assert plan.window == 2 and list(plan.steps) == schedule()[:2]
-    assert plan.modulation[0].shape == (2, len(y), weight.shape[0])
+    assert plan.window == 4 and list(plan.steps) == schedule()[:4]
+    assert plan.modulation[0].shape == (4, len(y), weight.shape[0])
     last = schedule()[-1]
     planned = conditioning.lookup(tiny, plan, torch.full((2,), last), y)
     assert list(plan.steps) == [last]  # the window that starts at that step (the schedule's end)
     torch.testing.assert_close(planned[1][5], per_step_modulation(tiny, last, y)[1][5], rtol=1e-5, atol=1e-7)
-    monkeypatch.setattr(conditioning, "PLAN_MEMORY_BYTES", per_step)  # one step: nothing to share
+    monkeypatch.setattr(conditioning, "PLAN_MEMORY_BYTES", (conditioning.MIN_PLAN_STEPS - 1) * per_step)
     tiny.plan_conditioning(schedule(), y)
+    assert tiny._conditioning is None  # too few steps fit: each step computes its own
+
+
+def test_short_runs_are_not_planned(tiny):
+    tiny.plan_conditioning(schedule(conditioning.MIN_PLAN_STEPS - 1), torch.tensor([0]))
     assert tiny._conditioning is None
+    tiny.plan_conditioning(schedule(conditioning.MIN_PLAN_STEPS), torch.tensor([0]))
+    assert tiny._conditioning is not None
 
 
 def test_guidance_calls_the_model_with_one_label_tensor_per_run(tiny):
