@@ -29,7 +29,7 @@ def trace_inputs(trace: RoutingTrace, device="cpu") -> BenchInputs:
     device = torch.device(device)
     batch = len(trace.labels)
     return BenchInputs(timesteps=list(trace.timesteps), x=[x.to(device) for x in trace.x_t],
-                       t=[torch.full((batch,), t, dtype=torch.long, device=device) for t in trace.timesteps],
+                       t=[torch.full((batch,), t, dtype=torch.long) for t in trace.timesteps],  # host, as sampled
                        y=trace.labels.to(device))
 
 

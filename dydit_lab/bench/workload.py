@@ -56,7 +56,7 @@ class BenchInputs:
 
     timesteps: list[int]        # base (1000-step) timesteps given to the model
     x: list[torch.Tensor]       # (B, C, H, W) noised latents, one per timestep
-    t: list[torch.Tensor]       # (B,) timesteps
+    t: list[torch.Tensor]       # (B,) timesteps, on the host as a sampler passes them
     y: torch.Tensor             # (B,) labels, shared by all steps
 
     @property
@@ -89,5 +89,5 @@ def make_inputs(model: DiT, batch_size: int, steps: int, seed: int = 0) -> Bench
     for t in timesteps:
         tt = torch.full((batch_size,), t, dtype=torch.long)
         xs.append(base.q_sample(x0, tt, noise).float().to(device))
-        ts.append(tt.to(device))
+        ts.append(tt)  # host timesteps: models move them, and read plans without a device sync
     return BenchInputs(timesteps, xs, ts, y.to(device))
