@@ -50,10 +50,10 @@ def plan_window(model, batch_size: int, num_steps: int) -> int:
 def make_plan(model, timesteps, labels: torch.Tensor) -> ConditioningPlan | None:
     """A plan for a run over ``timesteps`` (model timesteps, sampling order) called with
     ``labels``; None for a run shorter than :data:`MIN_PLAN_STEPS` or when fewer steps than
-    that fit in memory."""
+    that fit in memory (or no labels: nothing to plan)."""
     schedule = list(dict.fromkeys(int(v) for v in timesteps))
     window = plan_window(model, len(labels), len(schedule))
-    if window < MIN_PLAN_STEPS:
+    if window < MIN_PLAN_STEPS or not len(labels):
         return None
     plan = ConditioningPlan(labels, schedule, window, (), {}, [])
     _fill(model, plan, start=0)

@@ -115,6 +115,8 @@ def test_short_runs_are_not_planned(tiny):
     assert tiny._conditioning is None
     tiny.plan_conditioning(schedule(conditioning.MIN_PLAN_STEPS), torch.tensor([0]))
     assert tiny._conditioning is not None
+    tiny.plan_conditioning(schedule(), torch.tensor([], dtype=torch.long))  # no labels: nothing to plan
+    assert tiny._conditioning is None
 
 
 def test_guidance_calls_the_model_with_one_label_tensor_per_run(tiny):
